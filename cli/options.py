@@ -1,0 +1,40 @@
+"""Turn a config dataclass into click options, so each option is declared once (in the dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+
+import click
+
+
+def dataclass_options(cls, required: tuple[str, ...] = ()):
+    """Decorator adding one `--field-name` option per dataclass field, with its help and choices."""
+
+    def decorate(command):
+        for field in reversed(fields(cls)):
+            flag = "--" + field.name.replace("_", "-")
+            meta = field.metadata
+            default = None if field.default is MISSING else field.default
+            if isinstance(default, bool):
+                option = click.option(flag, field.name, is_flag=True, default=default, help=meta.get("help"))
+            else:
+                choices = meta.get("choices")
+                option = click.option(
+                    flag,
+                    field.name,
+                    type=click.Choice(choices) if choices else type(default),
+                    default=None if field.name in required else default,
+                    required=field.name in required,
+                    show_default=field.name not in required,
+                    help=meta.get("help"),
+                )
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def comma_list(text: str) -> list[str]:
+    """'tile, mean' -> ['tile', 'mean']; 'none' or '' -> []."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return [] if items == ["none"] else items

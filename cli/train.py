@@ -1,0 +1,29 @@
+"""`cfrobust train`: shards -> run folder."""
+
+from __future__ import annotations
+
+import click
+
+from cfrobust.cli.options import dataclass_options
+from cfrobust.trainer.config import TrainConfig
+
+
+@click.command(context_settings={"max_content_width": 100})
+@dataclass_options(TrainConfig, required=("shards", "out"))
+def train(**options) -> None:
+    """Train a classifier on shards, with the counterfactual (--cf), factual (--f) and saliency
+    (--reg) terms of the method, and score the best checkpoint into OUT/eval.json.
+
+    \b
+    One process:   cfrobust train --shards S --out RUN --cf tile --f mrand --reg bbox_o
+    N GPUs:        torchrun --nproc_per_node=N -m cfrobust train --shards S --out RUN ...
+    """
+    from cfrobust.trainer.train import train as run_training
+
+    document = run_training(TrainConfig(**options))
+    test = document["splits"].get("test")
+    if test is not None:
+        click.echo(
+            f"test accuracy {test['accuracy']:.4f}, worst-group {test['worst_group_accuracy']:.4f} "
+            f"(best epoch {document['best_epoch']}); written to {options['out']}/eval.json"
+        )

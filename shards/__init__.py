@@ -1,0 +1,1 @@
+"""The shard cache: its schema, the writer and manifest, and the train/eval readers."""

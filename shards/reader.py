@@ -1,0 +1,251 @@
+"""Stream shards into batches: an exact-count reader for training and a read-once one for eval.
+
+Training (DESIGN §8, CRAFT.md): each epoch the shard list is shuffled with a seed shared by all
+ranks and keyed by the epoch, then dealt out by global worker id (rank * workers + worker).
+Every worker yields the same number of full batches, computed up front from the manifest, so
+no rank runs out early and DDP never waits on a peer at the end of an epoch.
+Evaluation: every shard goes to exactly one (rank, worker), so every sample is read once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cfrobust.errors import UserError
+from cfrobust.shards.manifest import read_info
+from cfrobust.shards.schema import IMAGE_EXT, META_EXT, cf_ext, decode_rgb
+
+
+@dataclass
+class Batch:
+    """A batch as the trainer sees it: uint8 images (normalised later, on the device)."""
+
+    images: torch.Tensor  # [B, 3, H, W] uint8
+    labels: torch.Tensor  # [B] int64
+    boxes: torch.Tensor  # [B, K, 4] float32, (x0, y0, x1, y1) in pixels; padding rows are 0
+    box_valid: torch.Tensor  # [B, K] bool
+    cf: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [B, 3, H, W] uint8
+    groups: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(
+            images=move(self.images),
+            labels=move(self.labels),
+            boxes=move(self.boxes),
+            box_valid=move(self.box_valid),
+            cf={m: move(t) for m, t in self.cf.items()},
+            groups=self.groups,
+            keys=self.keys,
+        )
+
+
+def split_info(split_dir) -> dict:
+    """The manifest, checked against the shards it names."""
+    info = read_info(split_dir)
+    for shard in info["shards"]:
+        if not (Path(split_dir) / shard["name"]).is_file():
+            raise UserError(f"{split_dir}: shard {shard['name']} listed in the manifest is missing")
+    return info
+
+
+def shard_order(names: list[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: identical on every rank because it depends on (seed, epoch) only."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(names))
+    return [names[i] for i in order]
+
+
+def shards_for_worker(names: list[str], global_worker: int, total_workers: int) -> list[str]:
+    return names[global_worker::total_workers]
+
+
+def batches_per_worker(shard_counts: list[int], total_workers: int, batch_size: int) -> int:
+    """Full batches every worker can yield whatever shards it is dealt.
+
+    A worker gets at least floor(S / T) shards; in the worst case those are the smallest ones.
+    """
+    fewest = len(shard_counts) // total_workers
+    return sum(sorted(shard_counts)[:fewest]) // batch_size
+
+
+def iter_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]:
+    """Decoded samples from tar files: image, counterfactuals, label, boxes, group, key."""
+    for raw in wds.tarfile_samples([{"url": str(p)} for p in paths]):
+        yield decode_sample(raw, cf_methods)
+
+
+def decode_sample(raw: dict, cf_methods: list[str]) -> dict:
+    where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
+    for ext in [IMAGE_EXT, META_EXT] + [cf_ext(m) for m in cf_methods]:
+        if ext not in raw:
+            raise UserError(f"{where} has no {ext!r} part (were the shards made with this --cf?)")
+    meta = json.loads(raw[META_EXT])
+    return {
+        "key": raw["__key__"],
+        "image": decode_rgb(raw[IMAGE_EXT]),
+        "cf": {m: decode_rgb(raw[cf_ext(m)]) for m in cf_methods},
+        "label": meta["label"],
+        "boxes": meta["boxes"],
+        "group": meta["group"],
+    }
+
+
+def collate(samples: list[dict]) -> Batch:
+    to_chw = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    max_boxes = max(1, max(len(s["boxes"]) for s in samples))
+    boxes = torch.zeros(len(samples), max_boxes, 4)
+    valid = torch.zeros(len(samples), max_boxes, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        if s["boxes"]:
+            boxes[i, : len(s["boxes"])] = torch.tensor(s["boxes"], dtype=torch.float32)
+            valid[i, : len(s["boxes"])] = True
+    methods = samples[0]["cf"].keys()
+    return Batch(
+        images=to_chw([s["image"] for s in samples]),
+        labels=torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        boxes=boxes,
+        box_valid=valid,
+        cf={m: to_chw([s["cf"][m] for s in samples]) for m in methods},
+        groups=[s["group"] for s in samples],
+        keys=[s["key"] for s in samples],
+    )
+
+
+def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Buffer shuffle: keep `buffer_size` samples, emit a random one as each new one arrives."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _worker_identity() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainShards(IterableDataset):
+    """Per-rank training stream: exactly `len(self)` full batches per epoch on every rank."""
+
+    def __init__(
+        self,
+        split_dir,
+        batch_size: int,
+        cf_methods: list[str],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 512,
+    ):
+        self.split_dir = Path(split_dir)
+        self.info = split_info(split_dir)
+        self.batch_size = batch_size
+        self.cf_methods = list(cf_methods)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.loader_workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        total_workers = world_size * self.loader_workers
+        names = [s["name"] for s in self.info["shards"]]
+        if len(names) < total_workers:
+            raise UserError(
+                f"{split_dir}: {len(names)} shards cannot feed {world_size} rank(s) x {self.loader_workers} "
+                f"loader worker(s); use fewer --workers or re-run preprocess with a smaller --shard-size"
+            )
+        counts = [s["num_samples"] for s in self.info["shards"]]
+        self.per_worker = batches_per_worker(counts, total_workers, batch_size)
+        if self.per_worker == 0:
+            raise UserError(
+                f"{split_dir}: {sum(counts)} samples are too few for batch {batch_size} on "
+                f"{total_workers} worker(s) in all; lower --batch or --workers"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_worker * self.loader_workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, num_workers = _worker_identity()
+        return self.iter_worker(worker, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
+        """The batches of one loader worker of this rank (callable directly, for tests)."""
+        total = self.world_size * num_workers
+        global_worker = self.rank * num_workers + worker
+        names = shard_order([s["name"] for s in self.info["shards"]], self.seed, self.epoch)
+        paths = [self.split_dir / n for n in shards_for_worker(names, global_worker, total)]
+        rng = np.random.default_rng([self.seed, self.epoch, global_worker])
+        samples = _shuffled(iter_samples(paths, self.cf_methods), self.shuffle_buffer, rng)
+        for _ in range(self.per_worker):
+            chunk = [next(samples) for _ in range(self.batch_size)]
+            yield collate(chunk)
+
+
+class EvalShards(IterableDataset):
+    """Every sample of a split exactly once across all ranks and workers, in manifest order."""
+
+    def __init__(self, split_dir, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.split_dir = Path(split_dir)
+        self.info = split_info(split_dir)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, num_workers = _worker_identity()
+        return self.iter_worker(worker, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
+        names = [s["name"] for s in self.info["shards"]]
+        mine = shards_for_worker(names, self.rank * num_workers + worker, self.world_size * num_workers)
+        chunk: list[dict] = []
+        for sample in iter_samples([self.split_dir / n for n in mine], []):
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield collate(chunk)
+                chunk = []
+        if chunk:
+            yield collate(chunk)
+
+
+def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches are built inside the workers, so the loader itself does no collation."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_quiet_worker if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    # One thread per loader worker: the workers already run in parallel with the main process.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)

@@ -1,0 +1,113 @@
+"""The command line: fast help without torch, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cfrobust.cli.main import COMMANDS, cli
+
+HELP_WITHOUT_TORCH = """
+import sys
+from click.testing import CliRunner
+from cfrobust.cli.main import cli
+runner = CliRunner()
+for args in [["--help"]] + [[name, "--help"] for name in {names!r}]:
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, (args, result.output)
+    assert "Usage:" in result.output, args
+print(sorted(m for m in ("torch", "torchvision", "webdataset", "cv2") if m in sys.modules))
+"""
+
+
+def test_help_of_every_command_does_not_import_torch():
+    code = HELP_WITHOUT_TORCH.format(names=list(COMMANDS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_python_dash_m_entry_point_answers():
+    out = subprocess.run([sys.executable, "-m", "cfrobust", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cfrobust, version 0.1.0"
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_train_on_a_folder_without_shards_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["train", "--shards", str(tmp_path / "empty"), "--out", str(tmp_path / "run")])
+    line = _error_line(result)
+    assert str(tmp_path / "empty") in line and "no shards here" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_without_the_requested_counterfactual_names_it(tiny_shards, tmp_path):
+    args = ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "run"), "--cf", "tile"]
+    # The tiny shards carry tile, so ask for a fill they lack by editing a copy of the manifest.
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    info = json.loads((copy / "train" / "_info.json").read_text())
+    info["cf_methods"] = ["mean"]
+    (copy / "train" / "_info.json").write_text(json.dumps(info))
+    args[2] = str(copy)
+    line = _error_line(CliRunner().invoke(cli, args))
+    assert "no 'tile' counterfactual" in line and "they have: mean" in line
+
+
+def test_eval_with_a_missing_checkpoint_is_a_one_line_error(tiny_shards, tmp_path):
+    missing = tmp_path / "nope.pt"
+    result = CliRunner().invoke(
+        cli, ["eval", "--checkpoint", str(missing), "--shards", str(tiny_shards), "--out", str(tmp_path / "e.json")]
+    )
+    assert _error_line(result) == f"Error: {missing}: no such checkpoint"
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tiny_shards, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a checkpoint")
+    result = CliRunner().invoke(
+        cli, ["eval", "--checkpoint", str(bogus), "--shards", str(tiny_shards), "--out", str(tmp_path / "e.json")]
+    )
+    assert "not a readable cfrobust checkpoint" in _error_line(result)
+
+
+def test_preprocess_into_an_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "shards"
+    args = ["preprocess", "--dataset", "synthetic", "--out", str(out), "--synthetic-sizes", "8,4,4"]
+    first = CliRunner().invoke(cli, args + ["--synthetic-image-size", "16"])
+    assert first.exit_code == 0, first.output
+    assert "train: 8 samples written, 0 skipped" in first.output
+    before = (out / "train" / "_info.json").read_text()
+    line = _error_line(CliRunner().invoke(cli, args))
+    assert line == f"Error: {out / 'train'} already exists; pass --overwrite to replace it or choose another --out"
+    assert (out / "train" / "_info.json").read_text() == before  # nothing touched
+    again = CliRunner().invoke(cli, args + ["--overwrite", "--synthetic-image-size", "16"])
+    assert again.exit_code == 0, again.output
+
+
+def test_a_user_error_from_the_console_script_has_no_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "cfrobust", "train", "--shards", str(tmp_path), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"Error: {tmp_path}: no shards here (no <split>/_info.json); run `cfrobust preprocess` first"
+
+
+@pytest.mark.parametrize("bad", [["--cf", "blur"], ["--arch", "vgg"], ["--f", "swap"]])
+def test_unknown_choices_are_rejected_by_the_parser(tmp_path, bad):
+    result = CliRunner().invoke(cli, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "r")] + bad)
+    assert result.exit_code == 2 and "Invalid value" in result.output

@@ -1,0 +1,33 @@
+"""Checkpoints: written atomically, read back with weights_only=True (no pickled code runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from cfrobust.errors import UserError
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves a torn checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        reason = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a readable cfrobust checkpoint ({type(exc).__name__}: {reason})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a cfrobust checkpoint (no model/config entries)")
+    return state

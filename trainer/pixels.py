@@ -1,0 +1,63 @@
+"""Batched pixel operations on the device: normalisation, box masks, tiled backgrounds.
+
+These mirror the offline fills in `cfrobust.preprocess.fills` (same box rasterisation, same
+band choice) but work on whole batches of normalised float images at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float (x / 255 - mean) / std; the `mean` fill maps to ~0."""
+    mean = torch.tensor(NORMALIZE_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZE_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def box_masks(boxes: torch.Tensor, valid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bool [B, 1, H, W], True on every pixel a valid box touches (the rule of `box_pixel_bounds`)."""
+    c0 = boxes[..., 0].floor().clamp(0, width)
+    r0 = boxes[..., 1].floor().clamp(0, height)
+    c1 = boxes[..., 2].ceil().clamp(0, width)
+    r1 = boxes[..., 3].ceil().clamp(0, height)
+    cols = torch.arange(width, device=boxes.device)
+    rows = torch.arange(height, device=boxes.device)
+    in_cols = (cols >= c0[..., None]) & (cols < c1[..., None])  # [B, K, W]
+    in_rows = (rows >= r0[..., None]) & (rows < r1[..., None])  # [B, K, H]
+    inside = in_rows[..., :, None] & in_cols[..., None, :] & valid[..., None, None]
+    return inside.any(dim=1, keepdim=True)
+
+
+def longest_runs(free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a bool [B, N] tensor: (start, length) of the first longest run of True."""
+    index = torch.arange(free.shape[1], device=free.device).expand_as(free)
+    last_blocked = torch.where(free, torch.full_like(index, -1), index).cummax(dim=1).values
+    run_length = index - last_blocked
+    end = run_length.argmax(dim=1)
+    length = run_length.gather(1, end[:, None])[:, 0]
+    return torch.where(length > 0, end - length + 1, 0), length
+
+
+def tiled_backgrounds(images: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+    """Each image rebuilt from its largest hole-free band of rows or columns (see `fill_tile`)."""
+    batch, channels, height, width = images.shape
+    row_start, rows = longest_runs(~holes[:, 0].any(dim=2))
+    col_start, cols = longest_runs(~holes[:, 0].any(dim=1))
+    row_index = row_start[:, None] + (torch.arange(height, device=images.device) - row_start[:, None]) % rows.clamp(
+        min=1
+    )[:, None]
+    col_index = col_start[:, None] + (torch.arange(width, device=images.device) - col_start[:, None]) % cols.clamp(
+        min=1
+    )[:, None]
+    by_rows = images.gather(2, row_index[:, None, :, None].expand(batch, channels, height, width))
+    by_cols = images.gather(3, col_index[:, None, None, :].expand(batch, channels, height, width))
+    tiled = torch.where((rows * width >= cols * height)[:, None, None, None], by_rows, by_cols)
+    # No band at all: the mean colour of what lies outside the hole (0, the dataset mean, if nothing).
+    outside = (~holes).to(images.dtype)
+    colour = (images * outside).sum(dim=(2, 3), keepdim=True) / outside.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    no_band = ((rows == 0) & (cols == 0))[:, None, None, None]
+    return torch.where(no_band, colour.expand_as(images), tiled)

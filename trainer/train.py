@@ -1,0 +1,181 @@
+"""The training loop, the same for one process and for torchrun on many GPUs and nodes.
+
+    cfrobust train --shards S --out RUN --arch resnet50 --cf tile --f mrand --reg bbox_o
+    torchrun --nproc_per_node=8 -m cfrobust train --shards S --out RUN ...
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
+             --rdzv_endpoint=HOST:29500 -m cfrobust train --shards S --out RUN ...
+
+Under torchrun every process trains on its own slice of the shards with `--batch` images per
+step (global batch = batch x processes), gradients are averaged by DDP, and rank 0 alone writes
+the run folder. The best weights (by validation accuracy) are scored on every non-train split
+into RUN/eval.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cfrobust.errors import UserError
+from cfrobust.shards.manifest import list_splits
+from cfrobust.shards.reader import TrainShards, make_loader, split_info
+from cfrobust.trainer.checkpoint import save_checkpoint
+from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
+from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
+from cfrobust.trainer.models import build_model
+from cfrobust.trainer.objective import Objective
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the whole job; returns the eval document (identical on every rank)."""
+    env = setup_distributed(config.device)
+    try:
+        document, _model = train_in(env, config)
+        return document
+    finally:
+        teardown_distributed()
+
+
+def train_in(env: DistEnv, config: TrainConfig):
+    """Train inside an initialised process group; returns (eval document, best model)."""
+    splits = list_splits(config.shards)
+    if "train" not in splits:
+        raise UserError(f"{config.shards}: no train/ split to train on")
+    info = split_info(Path(config.shards) / "train")
+    check_config(config, info)
+    out = Path(config.out)
+    if env.is_main:
+        prepare_run_folder(out, config)
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model = build_model(config.arch, len(info["classes"])).to(env.device)
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+    data = TrainShards(
+        Path(config.shards) / "train",
+        config.batch,
+        [config.cf] if config.cf != "none" else [],
+        config.seed,
+        env.rank,
+        env.world_size,
+        config.workers,
+    )
+    steps_per_epoch = len(data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
+    objective = Objective(config, generator)
+    eval_splits = [s for s in splits if s != "train"]
+    select_on = "val" if "val" in eval_splits else None
+    best = {"accuracy": -1.0, "epoch": -1, "state": None}
+    loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
+    for epoch in range(config.epochs):
+        data.set_epoch(epoch)
+        stats = train_one_epoch(ddp_model, objective, loader, optimizer, scheduler, env, epoch, config.epochs)
+        sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; evaluate rank 0's
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, **stats}
+        if select_on:
+            val = evaluate_splits(model, config.shards, [select_on], env, batch_size=2 * config.batch)[select_on]
+            record["val"] = {k: val[k] for k in ("accuracy", "loss", "worst_group_accuracy", "mean_group_accuracy")}
+        score = record["val"]["accuracy"] if select_on else epoch
+        if score > best["accuracy"]:
+            best = {"accuracy": score, "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
+        if env.is_main:
+            state = checkpoint_state(model, optimizer, scheduler, config, info, epoch + 1, record["step"])
+            save_checkpoint(out / "checkpoints" / "last.pt", state)
+            if best["epoch"] == epoch + 1:
+                shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
+            with open(out / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            tqdm.write(epoch_line(record))
+    model.load_state_dict(best["state"])
+    results = evaluate_splits(model, config.shards, eval_splits, env, batch_size=2 * config.batch)
+    document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results)
+    document["best_epoch"] = best["epoch"]
+    if env.is_main:
+        write_json(out / "eval.json", document)
+    return document, model
+
+
+def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv, epoch: int, epochs: int) -> dict:
+    model.train()
+    sums: dict[str, float] = {}
+    correct = seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not env.is_main, leave=False)
+    for batch in bar:
+        batch = batch.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
+            terms, logits = objective(model, batch)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        correct += int((logits.argmax(dim=1) == batch.labels).sum())
+        seen += len(batch)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+    steps = max(1, len(loader))
+    seconds = time.perf_counter() - start
+    terms_mean = {k: v / steps for k, v in sums.items()}
+    return {
+        "loss": sum(terms_mean.values()),
+        "terms": terms_mean,
+        "train_accuracy": correct / max(1, seen),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": seen * env.world_size / seconds,
+        "seconds": seconds,
+    }
+
+
+def check_config(config: TrainConfig, info: dict) -> None:
+    if config.cf != "none" and config.cf not in info["cf_methods"]:
+        have = ", ".join(info["cf_methods"]) or "none"
+        raise UserError(
+            f"{config.shards}/train: the shards carry no {config.cf!r} counterfactual (they have: {have}); "
+            f"re-run `cfrobust preprocess --cf {config.cf}`"
+        )
+    if config.epochs < 1 or config.batch < 1:
+        raise UserError("--epochs and --batch must be at least 1")
+
+
+def prepare_run_folder(out: Path, config: TrainConfig) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise UserError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out")
+        shutil.rmtree(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def checkpoint_state(model, optimizer, scheduler, config, info, epoch: int, step: int) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "config": config.to_dict(),
+        "classes": list(info["classes"]),
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def epoch_line(record: dict) -> str:
+    terms = " ".join(f"{k}={v:.3f}" for k, v in record["terms"].items())
+    line = f"epoch {record['epoch']}: loss {record['loss']:.3f} ({terms}) train acc {record['train_accuracy']:.3f}"
+    if "val" in record:
+        line += f" | val acc {record['val']['accuracy']:.3f} worst group {record['val']['worst_group_accuracy']:.3f}"
+    return line + f" | {record['images_per_s']:.0f} img/s"
