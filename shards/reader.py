@@ -9,6 +9,7 @@ Evaluation: every shard goes to exactly one (rank, worker), so every sample is r
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,16 +124,20 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
-def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Buffer shuffle: keep `buffer_size` samples, emit a random one as each new one arrives."""
+def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator, initial: int = 64) -> Iterator[dict]:
+    """Buffer shuffle that starts yielding after `initial` samples and grows the buffer to
+    `buffer_size` (two reads per yield), so an epoch's first batch is not held back by
+    decoding the whole buffer."""
     buffer: list[dict] = []
+    samples = iter(samples)
     for sample in samples:
+        buffer.append(sample)
         if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(len(buffer)))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
+            buffer.extend(itertools.islice(samples, 1))
+        if len(buffer) >= min(initial, buffer_size):
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
 

@@ -50,12 +50,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def describe(self) -> str:
-        """Short name of the method, e.g. `cf=tile(logp) f=mrand reg=bbox_o(grad_y)`."""
+        """Short name of the method, e.g. `CF(tile, logp, 1) + F(mrand) + Sal(bbox_o, grad_y, λ=10)`."""
         parts = []
         if self.cf != "none":
-            parts.append(f"cf={self.cf}({self.cf_loss}x{self.cf_coeff:g})")
+            parts.append(f"CF({self.cf}, {self.cf_loss}, {self.cf_coeff:g})")
         if self.f != "none":
-            parts.append(f"f={self.f}")
+            parts.append(f"F({self.f})")
         if self.reg != "none":
-            parts.append(f"reg={self.reg}({self.reg_grad}x{self.reg_coeff:g})")
-        return " ".join(parts) or "erm"
+            parts.append(f"Sal({self.reg}, {self.reg_grad}, λ={self.reg_coeff:g})")
+        return " + ".join(parts) or "ERM"

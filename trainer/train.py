@@ -34,6 +34,8 @@ from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.objective import Objective
 
+PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one syncs the device)
+
 
 def train(config: TrainConfig) -> dict:
     """Run the whole job; returns the eval document (identical on every rank)."""
@@ -109,11 +111,12 @@ def train_in(env: DistEnv, config: TrainConfig):
 
 def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv, epoch: int, epochs: int) -> dict:
     model.train()
-    sums: dict[str, float] = {}
-    correct = seen = 0
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=env.device)
+    seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not env.is_main, leave=False)
-    for batch in bar:
+    for step, batch in enumerate(bar):
         batch = batch.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
             terms, logits = objective(model, batch)
@@ -122,18 +125,20 @@ def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv
         loss.backward()
         optimizer.step()
         scheduler.step()
+        # Running sums stay on the device: reading a value each step would stall a GPU.
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-        correct += int((logits.argmax(dim=1) == batch.labels).sum())
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        correct += (logits.argmax(dim=1) == batch.labels).sum()
         seen += len(batch)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if env.is_main and step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     steps = max(1, len(loader))
     seconds = time.perf_counter() - start
-    terms_mean = {k: v / steps for k, v in sums.items()}
+    terms_mean = {k: float(v) / steps for k, v in sums.items()}
     return {
         "loss": sum(terms_mean.values()),
         "terms": terms_mean,
-        "train_accuracy": correct / max(1, seen),
+        "train_accuracy": float(correct) / max(1, seen),
         "lr": optimizer.param_groups[0]["lr"],
         "images_per_s": seen * env.world_size / seconds,
         "seconds": seconds,

@@ -1,0 +1,126 @@
+"""Training end to end on tiny shards: every term combination, the run folder, eval, DDP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cfrobust.cli.main import cli
+from cfrobust.trainer.checkpoint import load_checkpoint
+from cfrobust.trainer.config import CF_FILLS, FACTUAL_MODES, REG_GRADS, REGULARIZERS, TrainConfig
+from cfrobust.trainer.models import build_model
+from cfrobust.trainer.train import train
+
+EVAL_KEYS = {"n", "accuracy", "loss", "ece", "auroc", "groups", "worst_group_accuracy", "mean_group_accuracy"}
+MATRIX = list(itertools.product(CF_FILLS, FACTUAL_MODES, REGULARIZERS, REG_GRADS))
+
+
+def tiny_config(shards, out, **overrides) -> TrainConfig:
+    options = dict(shards=str(shards), out=str(out), arch="simple-cnn", epochs=1, batch=32, lr=0.05, workers=0, device="cpu")
+    return TrainConfig(**{**options, **overrides})
+
+
+@pytest.mark.parametrize("cf,f,reg,reg_grad", MATRIX)
+def test_every_term_combination_trains_and_writes_a_complete_run(tiny_shards, tmp_path, cf, f, reg, reg_grad):
+    config = tiny_config(tiny_shards, tmp_path / "run", cf=cf, f=f, reg=reg, reg_grad=reg_grad, reg_coeff=100.0)
+    document = train(config)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text()) == config.to_dict()
+    (line,) = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    expected_terms = {"ce"} | ({"cf"} if cf != "none" else set()) | ({"sal"} if reg != "none" else set())
+    assert set(record["terms"]) == expected_terms
+    assert all(math.isfinite(v) for v in record["terms"].values())
+    assert record["step"] == 3  # 96 samples / batch 32, one worker
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    written = json.loads((run / "eval.json").read_text())
+    assert written == json.loads(json.dumps(document))
+    assert written["schema"] == "cfrobust.eval/1"
+    assert set(written["splits"]) == {"val", "test"}
+    for figures in written["splits"].values():
+        assert set(figures) == EVAL_KEYS and figures["n"] == 32
+        assert set(figures["groups"]) == {"disk/land", "disk/water", "ring/land", "ring/water"}
+        assert all(g["n"] == 8 for g in figures["groups"].values())
+
+
+def test_saliency_term_is_zero_without_boxes_and_positive_with(tiny_shards, tmp_path):
+    document = train(tiny_config(tiny_shards, tmp_path / "run", reg="bbox_o", reg_coeff=1.0))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["terms"]["sal"] > 0
+    assert document["best_epoch"] == 1
+
+
+def test_best_checkpoint_follows_validation_accuracy(tiny_shards, tmp_path):
+    train(tiny_config(tiny_shards, tmp_path / "run", epochs=3))
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    accuracies = [r["val"]["accuracy"] for r in records]
+    best_epoch = accuracies.index(max(accuracies)) + 1  # first epoch reaching the maximum
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert best["epoch"] == best_epoch and last["epoch"] == 3
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["best_epoch"] == best_epoch
+
+
+def test_cli_train_then_eval_reproduces_the_run_figures(tiny_shards, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["train", "--shards", str(tiny_shards), "--out", str(run), "--arch", "simple-cnn", "--epochs", "2",
+            "--batch", "32", "--workers", "1", "--cf", "tile", "--f", "mrand", "--reg", "bbox_o", "--device", "cpu"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert f"written to {run}/eval.json" in result.output
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 1 and "already holds a run; pass --overwrite" in again.output
+    out = tmp_path / "eval.json"
+    result = runner.invoke(cli, ["eval", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--shards", str(tiny_shards),
+                                 "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    evaluated, trained = json.loads(out.read_text()), json.loads((run / "eval.json").read_text())
+    assert evaluated["config"] == trained["config"]
+    for split in ("val", "test"):
+        for key in ("n", "accuracy", "worst_group_accuracy", "groups"):
+            assert evaluated["splits"][split][key] == trained["splits"][split][key]
+        assert evaluated["splits"][split]["loss"] == pytest.approx(trained["splits"][split]["loss"], rel=1e-5)
+    only_train = runner.invoke(cli, ["eval", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--shards",
+                                     str(tiny_shards), "--out", str(out), "--splits", "train"])
+    assert only_train.exit_code == 0 and json.loads(out.read_text())["splits"]["train"]["n"] == 96
+    missing = runner.invoke(cli, ["eval", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--shards",
+                                  str(tiny_shards), "--out", str(out), "--splits", "holdout"])
+    assert missing.exit_code == 1 and "no split 'holdout' (found: train, val, test)" in missing.output
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_models_classify_at_any_size(arch):
+    model = build_model(arch, 3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_torchrun_two_processes_end_with_identical_weights(tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path / "run", epochs=2, batch=8, workers=1, cf="tile", f="mrand", reg="bbox_o")
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+         json.dumps(config.to_dict()), str(tmp_path)],
+        check=True, env=env, capture_output=True, timeout=300,
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["state"].keys() == rank1["state"].keys()
+    for name, tensor in rank0["state"].items():
+        assert torch.equal(tensor, rank1["state"][name]), name
+    assert rank0["document"] == rank1["document"]
+    # 96 samples over 2 ranks x 1 worker, batch 8: 6 steps per epoch on each rank.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [6, 12]  # rank 0 alone wrote
+    assert rank0["document"]["splits"]["test"]["n"] == 32  # eval gathered both ranks' halves
