@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("cfrobust.cli.train", "train"),
     "eval": ("cfrobust.cli.evaluate", "evaluate"),
     "demo": ("cfrobust.cli.demo", "demo"),
+    "fetch": ("cfrobust.cli.fetch", "fetch"),
 }
 
 
@@ -46,6 +47,7 @@ def cli() -> None:
       cfrobust train        shards -> run folder (checkpoints, metrics, eval.json)
       cfrobust eval         checkpoint + shards -> eval.json
       cfrobust demo         the whole flow on the built-in dataset, CPU-sized
+      cfrobust fetch        download Waterbirds, ImageNet-9 or Caltech Camera Traps
     """
 
 

@@ -11,36 +11,84 @@ from cfrobust.datasets import DATASET_NAMES
 
 SHOWN_PROBLEMS = 10  # skipped records printed per split; all of them are in _info.json
 
+# Which source options each dataset takes (the rest must stay unset).
+SOURCE_OPTIONS = {
+    "synthetic": ("seed", "synthetic_sizes", "synthetic_image_size", "synthetic_correlation"),
+    "waterbirds": ("root", "boxes", "cub_root"),
+    "in9": ("root", "loc_csv"),
+    "in9l": ("root", "loc_csv"),
+    "cct": ("root", "images"),
+    "coco": ("images", "annotations"),
+    "folder": ("root", "boxes_csv"),
+}
+REQUIRED = {"waterbirds": ("root",), "in9": ("root",), "in9l": ("root",), "cct": ("root",),
+            "coco": ("images", "annotations"), "folder": ("root",)}
+DEFAULTS = {"seed": 0, "synthetic_sizes": "2000,400,800", "synthetic_image_size": 64, "synthetic_correlation": 0.95,
+            "boxes": "segmentation"}
+
+existing = click.Path(exists=True, path_type=Path)
+
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True, help="Source format.")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True, help="Source format (see README).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Shard root to create (OUT/<split>/).")
+@click.option("--root", type=existing, help="Dataset folder (waterbirds, in9, in9l, cct, folder).")
 @click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, tile) or none.")
 @click.option("--size", type=int, default=None, help="Stored image side in pixels  [default: 256; synthetic: its image size]")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace split folders that already exist under OUT.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the built-in dataset.")
-@click.option("--synthetic-sizes", default="2000,400,800", show_default=True, help="Built-in dataset: train,val,test counts.")
-@click.option("--synthetic-image-size", default=64, show_default=True, help="Built-in dataset: image side in pixels.")
-@click.option("--synthetic-correlation", default=0.95, show_default=True, help="Built-in dataset: share of training images whose background agrees with the label.")
-def preprocess(dataset, out, cf, size, shard_size, strict, overwrite, seed, synthetic_sizes, synthetic_image_size, synthetic_correlation):
+@click.option("--boxes", type=click.Choice(["segmentation", "cub"]), help="waterbirds: object from CUB segmentations (default) or CUB bounding boxes.")
+@click.option("--cub-root", type=existing, help="waterbirds: CUB_200_2011 folder (images.txt, bounding_boxes.txt, segmentations/).")
+@click.option("--loc-csv", type=existing, help="in9/in9l: ImageNet LOC_train_solution.csv, for boxes where no mask exists.")
+@click.option("--images", type=existing, help="cct: image folder (default ROOT/eccv_18_all_images_sm); coco: image root.")
+@click.option("--annotations", multiple=True, metavar="SPLIT=FILE", help="coco: a COCO JSON per split, e.g. --annotations train=train.json (repeat).")
+@click.option("--boxes-csv", type=existing, help="folder: CSV of boxes, header path,x0,y0,x1,y1.")
+@click.option("--seed", type=int, help="synthetic: seed  [default: 0]")
+@click.option("--synthetic-sizes", help="synthetic: train,val,test counts  [default: 2000,400,800]")
+@click.option("--synthetic-image-size", type=int, help="synthetic: image side in pixels  [default: 64]")
+@click.option("--synthetic-correlation", type=float, help="synthetic: share of training images whose background agrees with the label  [default: 0.95]")
+def preprocess(dataset, out, cf, size, shard_size, strict, overwrite, **source):
     """Validate and resize a dataset, precompute its counterfactual images and write
     WebDataset shards with the boxes: OUT/<split>/<split>-NNNNNN.tar + _info.json."""
     from cfrobust.datasets import open_dataset
     from cfrobust.preprocess.pipeline import preprocess as run_preprocess
 
-    options = {}
-    if dataset == "synthetic":
-        options = dict(
-            seed=seed,
-            sizes=tuple(int(n) for n in comma_list(synthetic_sizes)),
-            image_size=synthetic_image_size,
-            correlation=synthetic_correlation,
-        )
-    source = open_dataset(dataset, **options)
-    summaries = run_preprocess(source, out, comma_list(cf), size, shard_size, strict, overwrite)
+    adapter = open_dataset(dataset, **adapter_options(dataset, source))
+    summaries = run_preprocess(adapter, out, comma_list(cf), size, shard_size, strict, overwrite)
     print_summary(summaries, out)
+
+
+def adapter_options(dataset: str, given: dict) -> dict:
+    """Check which source options apply to `dataset` and turn them into adapter arguments."""
+    allowed = SOURCE_OPTIONS[dataset]
+    stray = [k for k, v in given.items() if v not in (None, ()) and k not in allowed]
+    if stray:
+        raise click.UsageError(f"--{stray[0].replace('_', '-')} does not apply to --dataset {dataset}")
+    missing = [k for k in REQUIRED.get(dataset, ()) if given.get(k) in (None, ())]
+    if missing:
+        raise click.UsageError(f"--dataset {dataset} needs --{missing[0].replace('_', '-')}")
+    values = {k: given[k] if given.get(k) not in (None, ()) else DEFAULTS.get(k) for k in allowed}
+    if dataset == "synthetic":
+        return dict(
+            seed=values["seed"],
+            sizes=tuple(int(n) for n in comma_list(str(values["synthetic_sizes"]))),
+            image_size=values["synthetic_image_size"],
+            correlation=values["synthetic_correlation"],
+        )
+    if dataset == "coco":
+        return {"images": values["images"], "annotations": split_files(values["annotations"])}
+    return values
+
+
+def split_files(pairs) -> dict[str, Path]:
+    files = {}
+    for pair in pairs:
+        split, sep, path = pair.partition("=")
+        if not sep or not split or not Path(path).is_file():
+            raise click.BadParameter(f"{pair!r}: expected SPLIT=FILE with an existing file", param_hint="--annotations")
+        files[split] = Path(path)
+    return files
 
 
 def print_summary(summaries, out: Path) -> None:

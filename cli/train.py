@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from cfrobust.cli.options import dataclass_options
@@ -22,7 +24,7 @@ def train(**options) -> None:
 
     document = run_training(TrainConfig(**options))
     test = document["splits"].get("test")
-    if test is not None:
+    if test is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         click.echo(
             f"test accuracy {test['accuracy']:.4f}, worst-group {test['worst_group_accuracy']:.4f} "
             f"(best epoch {document['best_epoch']}); written to {options['out']}/eval.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
@@ -19,12 +20,23 @@ class Record:
     key: str
     image: ImageSource
     label: int
-    boxes: list[Box] = field(default_factory=list)
-    mask: Union[str, Path, np.ndarray, None] = None  # foreground = nonzero
+    boxes: list[Box] = field(default_factory=list)  # empty + a mask: one box around the mask
+    mask: Union[str, Path, np.ndarray, None] = None  # foreground = nonzero, same size as the image
+    boxes_size: tuple[int, int] | None = None  # (width, height) the boxes are given in, if not the image's
     group: str = ""
     split: str = "train"
     attrs: dict = field(default_factory=dict)
     source: str = ""  # human-readable origin (file path, CSV line), used in error messages
+    problem: str = ""  # set by an adapter that found the record unusable; preprocess reports it
+
+
+def safe_key(text: str) -> str:
+    """A shard key from a path or id: the file extension dropped, then every run of characters
+    other than letters, digits, '-' and '_' replaced by '_' (tar members split at the first '.')."""
+    head, _, last = text.rpartition("/")
+    if "." in last:
+        last = last.rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{head}/{last}" if head else last).strip("_") or "_"
 
 
 class DatasetSource:
@@ -34,6 +46,7 @@ class DatasetSource:
     classes: list[str] = []
     splits: list[str] = []
     default_size: int = 256  # stored image side when `preprocess --size` is not given
+    aligned_groups: list[str] = []  # groups whose spurious attribute agrees with the label, if known
 
     def records(self, split: str) -> Iterator[Record]:
         raise NotImplementedError

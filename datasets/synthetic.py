@@ -27,6 +27,7 @@ class SyntheticDataset(DatasetSource):
     name = "synthetic"
     classes = CLASSES
     splits = SPLITS
+    aligned_groups = [f"{CLASSES[i]}/{PLACES[i]}" for i in range(2)]
 
     def __init__(
         self,

@@ -7,24 +7,23 @@ counted in the summary and in `_info.json`, and `strict=True` turns the first in
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.errors import UserError
 from cfrobust.preprocess.fills import FILLS
+from cfrobust.preprocess.images import RecordError, binarize, load_mask, load_rgb, mask_box, resize
 from cfrobust.shards.manifest import write_info
 from cfrobust.shards.schema import (
     IMAGE_EXT,
     MASK_EXT,
     META_EXT,
     cf_ext,
-    decode_gray,
-    decode_rgb,
     encode_jpeg,
     encode_meta,
     encode_png,
@@ -32,10 +31,6 @@ from cfrobust.shards.schema import (
 from cfrobust.shards.writer import ShardWriter
 
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
-
-
-class RecordError(Exception):
-    """A record that cannot be stored; the message says why."""
 
 
 @dataclass
@@ -82,11 +77,13 @@ def _write_split(dataset, split, split_dir, cf_methods, size, shard_size, strict
     summary = SplitSummary(split)
     writer = ShardWriter(split_dir, split, shard_size)
     seen: set[str] = set()
-    groups: set[str] = set()
+    groups: Counter = Counter()
     records = tqdm(dataset.records(split), total=dataset.count(split), desc=split, unit="img", disable=not progress)
     try:
         for record in records:
             try:
+                if record.problem:
+                    raise RecordError(record.problem)
                 if record.key in seen:
                     raise RecordError("duplicate key")
                 sample = make_sample(record, len(dataset.classes), size, cf_methods)
@@ -96,7 +93,7 @@ def _write_split(dataset, split, split_dir, cf_methods, size, shard_size, strict
                 summary.skipped.append({"key": record.key, "source": record.source, "reason": str(exc)})
                 continue
             seen.add(record.key)
-            groups.add(record.group)
+            groups[record.group] += 1
             writer.write(sample)
             summary.written += 1
     except BaseException:
@@ -113,6 +110,8 @@ def _write_split(dataset, split, split_dir, cf_methods, size, shard_size, strict
             "cf_methods": list(cf_methods),
             "classes": list(dataset.classes),
             "groups": sorted(groups),
+            "group_counts": dict(sorted(groups.items())),
+            "aligned_groups": list(dataset.aligned_groups),
             "source": dataset.describe(),
             "skipped": summary.skipped,
         },
@@ -126,9 +125,9 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
         raise RecordError("key contains '.' or '/', which shard file names cannot carry")
     if not 0 <= record.label < num_classes:
         raise RecordError(f"label {record.label} outside 0..{num_classes - 1}")
-    image = load_rgb(record.image)
-    height, width = image.shape[:2]
-    boxes = [check_box(box, width, height) for box in record.boxes]
+    image, (width, height) = load_rgb(record.image, min_side=size)
+    mask = None if record.mask is None else load_mask(record.mask, width, height)
+    boxes = [check_box(box, width, height) for box in source_boxes(record, width, height, mask)]
     scale = np.array([size / width, size / height, size / width, size / height])
     boxes = [tuple(float(v) for v in np.array(box) * scale) for box in boxes]
     image = resize(image, size)
@@ -137,10 +136,29 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
     for method in cf_methods:
         # A record without boxes trains as plain ERM; its counterfactual slot holds the image.
         sample[cf_ext(method)] = encode_jpeg(FILLS[method](image, boxes)) if boxes else encoded
-    if record.mask is not None:
-        sample[MASK_EXT] = encode_png(resize(load_mask(record.mask, width, height), size, nearest=True))
+    if mask is not None:
+        sample[MASK_EXT] = encode_png(binarize(resize(mask, size, nearest=True)))
     sample[META_EXT] = encode_meta(record.label, boxes, record.group, record.split, record.source, record.attrs)
     return sample
+
+
+def source_boxes(record: Record, width: int, height: int, mask: np.ndarray | None) -> list:
+    """The record's boxes in the pixels of its decoded image.
+
+    Boxes given for another image size (`boxes_size`, e.g. annotations of the full-resolution
+    original of a downscaled file) are rescaled; a record with a mask and no boxes gets the
+    mask's bounding box.
+    """
+    boxes = list(record.boxes)
+    if record.boxes_size is not None and boxes:
+        sx, sy = width / record.boxes_size[0], height / record.boxes_size[1]
+        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes]
+    if not boxes and mask is not None:
+        box = mask_box(mask)
+        if box is None:
+            raise RecordError("mask is empty (no foreground pixel)")
+        boxes = [box]
+    return boxes
 
 
 def check_box(box, width: int, height: int) -> tuple:
@@ -154,45 +172,3 @@ def check_box(box, width: int, height: int) -> tuple:
     if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
         raise RecordError(f"box {list(box)} lies outside the {width}x{height} image")
     return clipped
-
-
-def load_rgb(source) -> np.ndarray:
-    if isinstance(source, np.ndarray):
-        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
-            raise RecordError(f"image array must be HxWx3 uint8, got {source.shape} {source.dtype}")
-        return source
-    data = source if isinstance(source, bytes) else _read_file(Path(source), "image")
-    try:
-        return decode_rgb(data)
-    except ValueError:
-        raise RecordError("unreadable image") from None
-
-
-def load_mask(source, width: int, height: int) -> np.ndarray:
-    if isinstance(source, np.ndarray):
-        mask = source
-    else:
-        try:
-            mask = decode_gray(_read_file(Path(source), "mask"))
-        except ValueError:
-            raise RecordError(f"unreadable mask {source}") from None
-    if mask.shape[:2] != (height, width):
-        raise RecordError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
-    return ((mask > 0) * 255).astype(np.uint8)
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise RecordError(f"missing {what} file {path}") from None
-    except OSError as exc:
-        raise RecordError(f"cannot read {what} file {path}: {exc.strerror}") from None
-
-
-def resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    shrinking = image.shape[0] > size or image.shape[1] > size
-    interpolation = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    return cv2.resize(image, (size, size), interpolation=interpolation)

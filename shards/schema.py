@@ -77,7 +77,8 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB; raises ValueError when unreadable."""
     if not data:  # cv2 raises its own error type on an empty buffer
         raise ValueError("empty image data")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    # Pixels as stored: EXIF rotation would put annotations made on the stored pixels off target.
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ValueError("unreadable image data")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -86,7 +87,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
 def decode_gray(data: bytes) -> np.ndarray:
     if not data:
         raise ValueError("empty mask data")
-    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if gray is None:
         raise ValueError("unreadable mask data")
     return gray

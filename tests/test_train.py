@@ -46,6 +46,7 @@ def test_every_term_combination_trains_and_writes_a_complete_run(tiny_shards, tm
     assert written == json.loads(json.dumps(document))
     assert written["schema"] == "cfrobust.eval/1"
     assert set(written["splits"]) == {"val", "test"}
+    assert set(written["derived"]) == {"weighted_mean_accuracy", "orig_accuracy", "flip_accuracy"}
     for figures in written["splits"].values():
         assert set(figures) == EVAL_KEYS and figures["n"] == 32
         assert set(figures["groups"]) == {"disk/land", "disk/water", "ring/land", "ring/water"}

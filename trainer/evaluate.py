@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from cfrobust.errors import UserError
-from cfrobust.shards.manifest import list_splits
+from cfrobust.shards.manifest import list_splits, read_info
+from cfrobust.shards.schema import INFO_NAME
 from cfrobust.shards.reader import EvalShards, make_loader
 from cfrobust.trainer.checkpoint import load_checkpoint
+from cfrobust.trainer.derived import derived_figures
 from cfrobust.trainer.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.pixels import normalize
@@ -151,7 +153,7 @@ def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device=
         model.load_state_dict(state["model"])
         model.to(env.device)
         results = evaluate_splits(model, shards, splits, env, batch_size, workers)
-        document = eval_document(checkpoint, state["config"], results)
+        document = eval_document(checkpoint, state["config"], results, shards)
         if env.is_main:
             write_json(out, document)
         return document
@@ -159,8 +161,17 @@ def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device=
         teardown_distributed()
 
 
-def eval_document(checkpoint: str, config: dict, splits: dict) -> dict:
-    return {"schema": EVAL_SCHEMA, "checkpoint": str(checkpoint), "config": config, "splits": splits, "derived": {}}
+def eval_document(checkpoint, config: dict, splits: dict, shards_root) -> dict:
+    """The eval JSON: per-split figures plus the dataset's headline figures (see derived.py)."""
+    train_dir = Path(shards_root) / "train"
+    train_info = read_info(train_dir) if (train_dir / INFO_NAME).is_file() else None
+    return {
+        "schema": EVAL_SCHEMA,
+        "checkpoint": str(checkpoint),
+        "config": config,
+        "splits": splits,
+        "derived": derived_figures(splits, train_info),
+    }
 
 
 def write_json(path: Path, document: dict) -> None:

@@ -49,19 +49,11 @@ def train(config: TrainConfig) -> dict:
 
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
-    splits = list_splits(config.shards)
-    if "train" not in splits:
-        raise UserError(f"{config.shards}: no train/ split to train on")
-    info = split_info(Path(config.shards) / "train")
-    check_config(config, info)
+    splits, info = training_manifest(config)
     out = Path(config.out)
     if env.is_main:
         prepare_run_folder(out, config)
-    torch.manual_seed(config.seed)  # same initial weights on every rank
-    model = build_model(config.arch, len(info["classes"])).to(env.device)
-    if env.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+    model, ddp_model = make_model(config, len(info["classes"]), env)
     data = TrainShards(
         Path(config.shards) / "train",
         config.batch,
@@ -71,42 +63,80 @@ def train_in(env: DistEnv, config: TrainConfig):
         env.world_size,
         config.workers,
     )
-    steps_per_epoch = len(data)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
-    objective = Objective(config, generator)
-    eval_splits = [s for s in splits if s != "train"]
-    select_on = "val" if "val" in eval_splits else None
-    best = {"accuracy": -1.0, "epoch": -1, "state": None}
+    optimizer, scheduler = make_optimizer(model, config, total_steps=len(data) * config.epochs)
+    # Augmentation randomness differs per rank (each sees other images) but is seeded.
+    objective = Objective(config, torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank))
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
-    for epoch in range(config.epochs):
-        data.set_epoch(epoch)
+    select_on = selection_split(splits)
+    best = {"score": -math.inf, "epoch": 0, "state": None}
+    for epoch in range(1, config.epochs + 1):
+        data.set_epoch(epoch - 1)
         stats = train_one_epoch(ddp_model, objective, loader, optimizer, scheduler, env, epoch, config.epochs)
-        sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; evaluate rank 0's
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, **stats}
+        sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; keep rank 0's
+        record = {"epoch": epoch, "step": epoch * len(data), **stats}
         if select_on:
             val = evaluate_splits(model, config.shards, [select_on], env, batch_size=2 * config.batch)[select_on]
             record["val"] = {k: val[k] for k in ("accuracy", "loss", "worst_group_accuracy", "mean_group_accuracy")}
-        score = record["val"]["accuracy"] if select_on else epoch
-        if score > best["accuracy"]:
-            best = {"accuracy": score, "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
+            record["val"]["split"] = select_on
+        score = record["val"]["accuracy"] if "val" in record else epoch  # without val: the last epoch
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         if env.is_main:
-            state = checkpoint_state(model, optimizer, scheduler, config, info, epoch + 1, record["step"])
-            save_checkpoint(out / "checkpoints" / "last.pt", state)
-            if best["epoch"] == epoch + 1:
-                shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
-            with open(out / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            tqdm.write(epoch_line(record))
+            state = checkpoint_state(model, optimizer, scheduler, config, info, epoch, record["step"])
+            save_epoch(out, record, state, is_best=best["epoch"] == epoch)
     model.load_state_dict(best["state"])
+    eval_splits = [s for s in splits if s != "train"]
     results = evaluate_splits(model, config.shards, eval_splits, env, batch_size=2 * config.batch)
-    document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results)
+    document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results, config.shards)
     document["best_epoch"] = best["epoch"]
     if env.is_main:
         write_json(out / "eval.json", document)
     return document, model
+
+
+def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
+    """The split names under --shards and the train split's manifest, checked against the config."""
+    splits = list_splits(config.shards)
+    if "train" not in splits:
+        raise UserError(f"{config.shards}: no train/ split to train on")
+    info = split_info(Path(config.shards) / "train")
+    check_config(config, info)
+    return splits, info
+
+
+def selection_split(splits: list[str]) -> str | None:
+    """The split that picks best.pt: `val`, else the first `*val` split (CCT's cis_val), else none."""
+    if "val" in splits:
+        return "val"
+    return next((s for s in splits if s.endswith("val")), None)
+
+
+def make_model(config: TrainConfig, num_classes: int, env: DistEnv):
+    """The model, and the module to call in training (DDP-wrapped when distributed)."""
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build_model(config.arch, num_classes).to(env.device)
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if not env.distributed:
+        return model, model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return model, DistributedDataParallel(model, device_ids=device_ids)
+
+
+def make_optimizer(model, config: TrainConfig, total_steps: int):
+    """SGD with momentum 0.9 and a per-step cosine decay from --lr to 0."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def save_epoch(out: Path, record: dict, state: dict, is_best: bool) -> None:
+    save_checkpoint(out / "checkpoints" / "last.pt", state)
+    if is_best:
+        shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    tqdm.write(epoch_line(record))
 
 
 def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv, epoch: int, epochs: int) -> dict:
@@ -115,7 +145,7 @@ def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv
     correct = torch.zeros((), device=env.device)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not env.is_main, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not env.is_main, leave=False)
     for step, batch in enumerate(bar):
         batch = batch.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):

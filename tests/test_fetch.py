@@ -1,0 +1,115 @@
+"""Dataset downloads without a network: a fake host that honours HTTP Range requests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import urllib.error
+
+import pytest
+
+import cfrobust.datasets.fetch as fetch_module
+from cfrobust.datasets.fetch import Download, fetch
+from cfrobust.errors import UserError
+
+
+def make_archive() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        payload = b"img_id,img_filename,y,split,place,place_filename\n" * 50
+        info = tarfile.TarInfo("wb/metadata.csv")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+class Response(io.BytesIO):
+    def __init__(self, data: bytes, status: int):
+        super().__init__(data)
+        self.status = status
+
+
+class FakeHost:
+    """Serves one file; answers Range requests with 206 unless told to ignore them."""
+
+    def __init__(self, data: bytes, honour_range: bool = True, reachable: bool = True):
+        self.data, self.honour_range, self.reachable = data, honour_range, reachable
+        self.requests = []
+
+    def __call__(self, request):
+        self.requests.append(request)
+        if not self.reachable:
+            raise urllib.error.URLError("Name or service not known")
+        wanted = request.get_header("Range")
+        if wanted and self.honour_range:
+            start = int(wanted.split("=")[1].rstrip("-"))
+            return Response(self.data[start:], 206)
+        return Response(self.data, 200)
+
+
+@pytest.fixture
+def one_file(monkeypatch):
+    data = make_archive()
+    monkeypatch.setitem(fetch_module.SOURCES, "toy", [Download("https://example.org/files/toy.tar.gz?dl=1")])
+    return data
+
+
+def test_download_verifies_records_digest_and_unpacks(tmp_path, one_file):
+    host = FakeHost(one_file)
+    paths = fetch("toy", tmp_path, opener=host, report=lambda _: None)
+    assert paths == [tmp_path / "toy.tar.gz"]
+    assert paths[0].read_bytes() == one_file
+    digest = hashlib.sha256(one_file).hexdigest()
+    assert (tmp_path / "toy.tar.gz.sha256").read_text() == f"{digest}  toy.tar.gz\n"
+    assert (tmp_path / "wb" / "metadata.csv").read_bytes().startswith(b"img_id,")
+    assert not (tmp_path / "toy.tar.gz.part").exists()
+    # A second run downloads nothing and verifies against the recorded digest.
+    fetch("toy", tmp_path, opener=host, report=lambda _: None)
+    assert len(host.requests) == 1
+
+
+def test_a_partial_download_is_resumed_with_a_range_request(tmp_path, one_file):
+    (tmp_path / "toy.tar.gz.part").write_bytes(one_file[:100])
+    host = FakeHost(one_file)
+    fetch("toy", tmp_path, opener=host, report=lambda _: None)
+    assert host.requests[0].get_header("Range") == "bytes=100-"
+    assert (tmp_path / "toy.tar.gz").read_bytes() == one_file
+
+
+def test_a_host_that_ignores_range_restarts_the_file(tmp_path, one_file):
+    (tmp_path / "toy.tar.gz.part").write_bytes(b"stale bytes")
+    fetch("toy", tmp_path, opener=FakeHost(one_file, honour_range=False), report=lambda _: None)
+    assert (tmp_path / "toy.tar.gz").read_bytes() == one_file
+
+
+def test_unreachable_host_says_what_to_download_by_hand(tmp_path, one_file):
+    with pytest.raises(UserError) as caught:
+        fetch("toy", tmp_path, opener=FakeHost(one_file, reachable=False), report=lambda _: None)
+    message = str(caught.value)
+    assert "cannot reach https://example.org/files/toy.tar.gz?dl=1" in message and str(tmp_path) in message
+    assert list(tmp_path.iterdir()) == []
+    # The user downloads it by hand; the next run verifies and unpacks without the network.
+    (tmp_path / "toy.tar.gz").write_bytes(one_file)
+    fetch("toy", tmp_path, opener=FakeHost(one_file, reachable=False), report=lambda _: None)
+    assert (tmp_path / "wb" / "metadata.csv").exists()
+
+
+def test_a_corrupted_file_fails_the_recorded_digest(tmp_path, one_file):
+    fetch("toy", tmp_path, opener=FakeHost(one_file), report=lambda _: None)
+    damaged = bytearray(one_file)
+    damaged[10] ^= 0xFF
+    (tmp_path / "toy.tar.gz").write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match="does not match the expected"):
+        fetch("toy", tmp_path, opener=FakeHost(one_file), report=lambda _: None)
+
+
+def test_a_pinned_digest_is_enforced(tmp_path, monkeypatch, one_file):
+    monkeypatch.setitem(fetch_module.SOURCES, "toy", [Download("https://example.org/toy.tar.gz", sha256="0" * 64)])
+    with pytest.raises(UserError, match=f"sha256 {hashlib.sha256(one_file).hexdigest()} does not match"):
+        fetch("toy", tmp_path, opener=FakeHost(one_file), report=lambda _: None)
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="no download known for 'imagenet'"):
+        fetch("imagenet", "/nonexistent")
