@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("cfrobust.cli.evaluate", "evaluate"),
     "demo": ("cfrobust.cli.demo", "demo"),
     "fetch": ("cfrobust.cli.fetch", "fetch"),
+    "shards": ("cfrobust.cli.shards", "shards"),
 }
 
 
@@ -48,6 +49,7 @@ def cli() -> None:
       cfrobust eval         checkpoint + shards -> eval.json
       cfrobust demo         the whole flow on the built-in dataset, CPU-sized
       cfrobust fetch        download Waterbirds, ImageNet-9 or Caltech Camera Traps
+      cfrobust shards       verify shards against their manifest; merge multi-machine output
     """
 
 

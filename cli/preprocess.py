@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -33,11 +34,15 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True, help="Source format (see README).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Shard root to create (OUT/<split>/).")
 @click.option("--root", type=existing, help="Dataset folder (waterbirds, in9, in9l, cct, folder).")
-@click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, tile) or none.")
+@click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, random, shuffle, tile, telea, ns) or none.")
 @click.option("--size", type=int, default=None, help="Stored image side in pixels  [default: 256; synthetic: its image size]")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
-@click.option("--overwrite", is_flag=True, help="Replace split folders that already exist under OUT.")
+@click.option("--overwrite", is_flag=True, help="Delete this process's earlier output under OUT first.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: keep its complete shards, redo the rest.")
+@click.option("--workers", default=1, show_default=True, help="Processes that build samples in parallel (same output for any count).")
+@click.option("--rank", type=int, default=lambda: int(os.environ.get("RANK", 0)), show_default="$RANK or 0", help="This process's slice, for several machines writing one OUT.")
+@click.option("--world-size", type=int, default=lambda: int(os.environ.get("WORLD_SIZE", 1)), show_default="$WORLD_SIZE or 1", help="Number of processes writing OUT; the last to finish merges the manifests.")
 @click.option("--boxes", type=click.Choice(["segmentation", "cub"]), help="waterbirds: object from CUB segmentations (default) or CUB bounding boxes.")
 @click.option("--cub-root", type=existing, help="waterbirds: CUB_200_2011 folder (images.txt, bounding_boxes.txt, segmentations/).")
 @click.option("--loc-csv", type=existing, help="in9/in9l: ImageNet LOC_train_solution.csv, for boxes where no mask exists.")
@@ -48,14 +53,17 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--synthetic-sizes", help="synthetic: train,val,test counts  [default: 2000,400,800]")
 @click.option("--synthetic-image-size", type=int, help="synthetic: image side in pixels  [default: 64]")
 @click.option("--synthetic-correlation", type=float, help="synthetic: share of training images whose background agrees with the label  [default: 0.95]")
-def preprocess(dataset, out, cf, size, shard_size, strict, overwrite, **source):
+def preprocess(dataset, out, cf, size, shard_size, strict, overwrite, resume, workers, rank, world_size, **source):
     """Validate and resize a dataset, precompute its counterfactual images and write
     WebDataset shards with the boxes: OUT/<split>/<split>-NNNNNN.tar + _info.json."""
     from cfrobust.datasets import open_dataset
     from cfrobust.preprocess.pipeline import preprocess as run_preprocess
 
     adapter = open_dataset(dataset, **adapter_options(dataset, source))
-    summaries = run_preprocess(adapter, out, comma_list(cf), size, shard_size, strict, overwrite)
+    summaries = run_preprocess(
+        adapter, out, comma_list(cf), size, shard_size, strict, overwrite,
+        resume=resume, workers=workers, rank=rank, world_size=world_size,
+    )
     print_summary(summaries, out)
 
 
@@ -93,7 +101,8 @@ def split_files(pairs) -> dict[str, Path]:
 
 def print_summary(summaries, out: Path) -> None:
     for s in summaries:
-        click.echo(f"{s.split:>8}: {s.written} samples written, {len(s.skipped)} skipped")
+        kept = f" ({s.resumed_shards} shards kept from the interrupted run)" if s.resumed_shards else ""
+        click.echo(f"{s.split:>8}: {s.written} samples written, {len(s.skipped)} skipped{kept}")
         for problem in s.skipped[:SHOWN_PROBLEMS]:
             click.echo(f"          skipped {problem['key']} ({problem['source']}): {problem['reason']}")
         if len(s.skipped) > SHOWN_PROBLEMS:

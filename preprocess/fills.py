@@ -1,29 +1,46 @@
 """Counterfactual fills: remove the object (the union of its boxes) and fill the hole.
 
-Each fill maps (HxWx3 uint8 RGB image, boxes in its pixels) to a new image of the same shape;
-pixels outside the hole are never changed. The hole is always the boxes' rectangle, even when a
-mask exists, so the fill does not leak the object's shape (DESIGN §5).
+Each fill maps (HxWx3 uint8 RGB image, boxes in its pixels, rng=) to a new image of the same
+shape; pixels outside the hole are never changed. The hole is always the boxes' rectangle, even
+when a mask exists, so the fill does not leak the object's shape (DESIGN §5). Random fills draw
+from `rng` (the pipeline passes `record_rng(key, method)`, so shards are reproducible); the
+others accept and ignore it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from cfrobust.shards.schema import MEAN_RGB_UINT8, boxes_to_mask
 
-Fill = Callable[[np.ndarray, list], np.ndarray]
+Fill = Callable[..., np.ndarray]  # fill(image, boxes, rng=None) -> image
+
+# The official `random` inpainter (robust_cls_model, arch/inpainting/Baseline.py,
+# RandomColorWithNoiseInpainter) draws a colour per image and channel uniformly in [0, 1] and
+# adds N(0, 0.2) noise per pixel and channel, clamped to [0, 1]: in uint8 units, 0.2 * 255.
+RANDOM_NOISE_STD = 0.2 * 255
+INPAINT_RADIUS = 3  # pixels around the hole cv2.inpaint looks at
 
 
-def fill_mean(image: np.ndarray, boxes: list) -> np.ndarray:
+def record_rng(key: str, method: str) -> np.random.Generator:
+    """A generator seeded by the record and the fill alone, so the same record gets the same
+    random fill in any run, worker count or order (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(f"{method}\0{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def fill_mean(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
     """The normalisation mean colour (0 in the model's input space, up to uint8 rounding)."""
     out = image.copy()
     out[boxes_to_mask(boxes, image.shape[1], image.shape[0])] = MEAN_RGB_UINT8
     return out
 
 
-def fill_tile(image: np.ndarray, boxes: list) -> np.ndarray:
+def fill_tile(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
     """The largest object-free band of the image (full-width rows or full-height columns),
     repeated across the image and pasted into the hole, as the official `tile` fill.
 
@@ -63,7 +80,60 @@ def tiled_background(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     return image[:, source_cols]
 
 
+def fill_random(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One random colour per image (uniform per channel) plus Gaussian noise per pixel, as the
+    official `random` inpainter (see RANDOM_NOISE_STD)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    hole = boxes_to_mask(boxes, image.shape[1], image.shape[0])
+    colour = rng.uniform(0, 255, size=3)
+    noisy = colour + rng.normal(0, RANDOM_NOISE_STD, size=(int(hole.sum()), 3))
+    out = image.copy()
+    out[hole] = np.clip(noisy, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def fill_shuffle(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The image's own values, all pixels and channels randomly permuted, pasted into the hole.
+
+    The official ShuffleInpainter (robust_cls_model, arch/inpainting/Baseline.py) permutes every
+    value of its input ("including channels"), object included, and pastes the result into the
+    hole; it permutes across the whole batch, which an offline fill cannot see, so here each
+    image is permuted on its own.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    hole = boxes_to_mask(boxes, image.shape[1], image.shape[0])
+    shuffled = rng.permutation(image.reshape(-1)).reshape(image.shape)
+    out = image.copy()
+    out[hole] = shuffled[hole]
+    return out
+
+
+def fill_telea(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
+    """OpenCV's fast-marching inpainting (Telea 2004) of the hole."""
+    return opencv_inpaint(image, boxes, cv2.INPAINT_TELEA)
+
+
+def fill_ns(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
+    """OpenCV's Navier-Stokes inpainting of the hole."""
+    return opencv_inpaint(image, boxes, cv2.INPAINT_NS)
+
+
+def opencv_inpaint(image: np.ndarray, boxes: list, flag: int) -> np.ndarray:
+    hole = boxes_to_mask(boxes, image.shape[1], image.shape[0])
+    if hole.all():
+        # Nothing to propagate from: cv2.inpaint would hand back the image, object included.
+        return fill_mean(image, boxes)
+    inpainted = cv2.inpaint(np.ascontiguousarray(image), hole.astype(np.uint8) * 255, INPAINT_RADIUS, flag)
+    out = image.copy()
+    out[hole] = inpainted[hole]  # cv2 leaves the rest alone; copying only the hole guarantees it
+    return out
+
+
 FILLS: dict[str, Fill] = {
     "mean": fill_mean,
     "tile": fill_tile,
+    "random": fill_random,
+    "shuffle": fill_shuffle,
+    "telea": fill_telea,
+    "ns": fill_ns,
 }

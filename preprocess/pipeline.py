@@ -6,28 +6,37 @@ counted in the summary and in `_info.json`, and `strict=True` turns the first in
 
 from __future__ import annotations
 
-import shutil
+import functools
+import itertools
+import json
+import multiprocessing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.errors import UserError
-from cfrobust.preprocess.fills import FILLS
+from cfrobust.preprocess.fills import FILLS, record_rng
 from cfrobust.preprocess.images import RecordError, binarize, load_mask, load_rgb, mask_box, resize
+from cfrobust.preprocess.progress import SplitProgress
 from cfrobust.shards.manifest import write_info
 from cfrobust.shards.schema import (
     IMAGE_EXT,
+    INFO_NAME,
     MASK_EXT,
     META_EXT,
     cf_ext,
     encode_jpeg,
     encode_meta,
     encode_png,
+    part_info_name,
+    shard_name,
 )
+from cfrobust.shards.verify import merge_parts
 from cfrobust.shards.writer import ShardWriter
 
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
@@ -38,15 +47,39 @@ class SplitSummary:
     split: str
     written: int = 0
     skipped: list[dict] = field(default_factory=list)
+    resumed_shards: int = 0  # shards kept from an interrupted run (--resume)
 
 
-def check_output(out: Path, splits: list[str], overwrite: bool) -> None:
-    """Refuse to write over existing shards unless asked; with `overwrite`, clear only our splits."""
-    existing = [out / s for s in splits if (out / s).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
-    for path in existing:
-        shutil.rmtree(path)
+@dataclass(frozen=True)
+class Job:
+    """What one preprocessing process writes: its slice (rank of world_size) of every split."""
+
+    dataset: DatasetSource
+    out: Path
+    cf_methods: tuple[str, ...]
+    size: int
+    shard_size: int
+    strict: bool
+    rank: int = 0
+    world_size: int = 1
+
+    def manifest(self, split: str) -> Path:
+        name = INFO_NAME if self.world_size == 1 else part_info_name(self.rank, self.world_size)
+        return self.out / split / name
+
+    def journal(self, split: str) -> Path:
+        suffix = "" if self.world_size == 1 else f".r{self.rank:03d}-of-{self.world_size:03d}"
+        return self.out / split / f"_progress{suffix}.jsonl"
+
+    def own_files(self, split: str) -> list[Path]:
+        """Everything this process writes in a split folder (shards, temporaries, manifests)."""
+        folder = self.out / split
+        if not folder.is_dir():
+            return []
+        prefix = shard_name(split, 0, self.rank, self.world_size)[: -len("000000.tar")]
+        mine = [p for p in folder.iterdir() if p.name.startswith(prefix)]
+        merged = folder / INFO_NAME  # the split's manifest, stale once any part is rewritten
+        return list(dict.fromkeys(mine + [p for p in (self.manifest(split), self.journal(split), merged) if p.exists()]))
 
 
 def preprocess(
@@ -58,65 +91,169 @@ def preprocess(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
+    workers: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[SplitSummary]:
-    """Write `out/<split>/` shards for every split of `dataset`; return what was written and skipped."""
+    """Write `out/<split>/` shards for every split of `dataset`; return what was written and skipped.
+
+    `workers` processes build samples in parallel (the output is identical for any count);
+    `rank`/`world_size` take every world_size-th record, for several machines on one output.
+    """
     unknown = [m for m in cf_methods if m not in FILLS]
     if unknown:
         raise UserError(f"unknown counterfactual fill {unknown[0]!r}; available: {', '.join(FILLS)}")
-    size = size or dataset.default_size
-    out = Path(out)
-    check_output(out, dataset.splits, overwrite)
-    summaries = []
+    if resume and overwrite:
+        raise UserError("--resume keeps earlier output and --overwrite deletes it: choose one")
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
+    job = Job(dataset, Path(out), tuple(cf_methods), size or dataset.default_size, shard_size, strict, rank, world_size)
     for split in dataset.splits:
-        summaries.append(_write_split(dataset, split, out / split, cf_methods, size, shard_size, strict, progress))
-    return summaries
+        claim_output(job, split, overwrite, resume)
+    return [write_split(job, split, resume, workers, progress) for split in dataset.splits]
 
 
-def _write_split(dataset, split, split_dir, cf_methods, size, shard_size, strict, progress) -> SplitSummary:
-    split_dir.mkdir(parents=True)
-    summary = SplitSummary(split)
-    writer = ShardWriter(split_dir, split, shard_size)
-    seen: set[str] = set()
-    groups: Counter = Counter()
-    records = tqdm(dataset.records(split), total=dataset.count(split), desc=split, unit="img", disable=not progress)
+def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
+    """Refuse to touch earlier output unless asked: --overwrite deletes this process's files,
+    --resume keeps them; other processes' files in a shared split folder are never touched."""
+    existing = job.own_files(split)
+    if existing and overwrite:
+        for path in existing:
+            path.unlink()
+    elif existing and not resume:
+        raise UserError(
+            f"{job.out / split} already holds output; pass --resume to continue it, --overwrite to replace it, "
+            f"or choose another --out"
+        )
+
+
+def write_split(job: Job, split: str, resume: bool, workers: int, show_progress: bool) -> SplitSummary:
+    split_dir = job.out / split
+    if resume and job.manifest(split).exists():  # finished in the earlier run
+        info = json.loads(job.manifest(split).read_text())
+        return SplitSummary(split, info["num_samples"], info["skipped"], len(info["shards"]))
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for temporary in split_dir.glob(shard_name(split, 0, job.rank, job.world_size)[: -len("000000.tar")] + "*.tmp"):
+        temporary.unlink()  # a shard the crash interrupted; it is redone
+    done = SplitProgress.load(job.journal(split))
+    summary = SplitSummary(split, sum(s["num_samples"] for s in done.shards), list(done.skipped), len(done.shards))
+    pending = PendingShard(consumed=done.consumed)
+    writer = ShardWriter(
+        split_dir, split, job.shard_size, first_index=len(done.shards), rank=job.rank, world_size=job.world_size,
+        on_shard=lambda entry: done.add_shard(entry, pending.consumed, *pending.take()),
+    )
+    seen, groups = set(done.keys), Counter(done.groups)
+    records = itertools.islice(my_records(job, split), done.consumed, None)
+    total = _my_count(job, split)
+    bar = tqdm(total=total, initial=done.consumed, desc=split, unit="img", disable=not show_progress)
     try:
-        for record in records:
-            try:
-                if record.problem:
-                    raise RecordError(record.problem)
-                if record.key in seen:
-                    raise RecordError("duplicate key")
-                sample = make_sample(record, len(dataset.classes), size, cf_methods)
-            except RecordError as exc:
-                if strict:
-                    raise UserError(f"record {record.key} ({record.source}): {exc}") from None
-                summary.skipped.append({"key": record.key, "source": record.source, "reason": str(exc)})
+        for record, outcome in build_samples(records, job, workers):
+            pending.consumed += 1
+            bar.update()
+            problem = outcome if isinstance(outcome, str) else ("duplicate key" if record.key in seen else "")
+            if problem:
+                if job.strict:
+                    raise UserError(f"record {record.key} ({record.source}): {problem}")
+                pending.skipped.append({"key": record.key, "source": record.source, "reason": problem})
+                summary.skipped.append(pending.skipped[-1])
                 continue
             seen.add(record.key)
             groups[record.group] += 1
-            writer.write(sample)
+            pending.keys.append(record.key)
+            pending.groups[record.group] += 1
+            writer.write(outcome)
             summary.written += 1
+        writer.close()
     except BaseException:
         writer.abort()
         raise
-    shards = writer.close()
-    write_info(
-        split_dir,
-        {
-            "split": split,
-            "num_samples": summary.written,
-            "shards": shards,
-            "size": size,
-            "cf_methods": list(cf_methods),
-            "classes": list(dataset.classes),
-            "groups": sorted(groups),
-            "group_counts": dict(sorted(groups.items())),
-            "aligned_groups": list(dataset.aligned_groups),
-            "source": dataset.describe(),
-            "skipped": summary.skipped,
-        },
-    )
+    finally:
+        bar.close()
+    write_manifest(job, split, done.shards, summary, groups)
+    job.journal(split).unlink(missing_ok=True)
     return summary
+
+
+@dataclass
+class PendingShard:
+    """What the shard in progress holds, journalled when it completes."""
+
+    consumed: int = 0
+    keys: list[str] = field(default_factory=list)
+    groups: Counter = field(default_factory=Counter)
+    skipped: list[dict] = field(default_factory=list)
+
+    def take(self):
+        taken = (self.keys, self.groups, self.skipped)
+        self.keys, self.groups, self.skipped = [], Counter(), []
+        return taken
+
+
+def write_manifest(job: Job, split: str, shards: list[dict], summary: SplitSummary, groups: Counter) -> None:
+    info = {
+        "split": split,
+        "num_samples": summary.written,
+        "shards": shards,
+        "size": job.size,
+        "cf_methods": list(job.cf_methods),
+        "classes": list(job.dataset.classes),
+        "groups": sorted(groups),
+        "group_counts": dict(sorted(groups.items())),
+        "aligned_groups": list(job.dataset.aligned_groups),
+        "source": job.dataset.describe(),
+        "skipped": summary.skipped,
+    }
+    if job.world_size == 1:
+        write_info(job.out / split, info)
+        return
+    write_info(job.out / split, {**info, "rank": job.rank, "world_size": job.world_size}, name=job.manifest(split).name)
+    parts = [job.out / split / part_info_name(r, job.world_size) for r in range(job.world_size)]
+    if all(p.exists() for p in parts):  # the last process to finish combines the parts
+        merge_parts(job.out / split)
+
+
+def my_records(job: Job, split: str) -> Iterator[Record]:
+    """This process's records of a split: every world_size-th one, starting at its rank."""
+    return itertools.islice(job.dataset.records(split), job.rank, None, job.world_size)
+
+
+def _my_count(job: Job, split: str) -> int | None:
+    count = job.dataset.count(split)
+    return None if count is None else len(range(job.rank, count, job.world_size))
+
+
+def build_samples(records: Iterator[Record], job: Job, workers: int) -> Iterator[tuple[Record, dict | str]]:
+    """(record, sample) or (record, problem) for each record, in order, built in `workers`
+    processes; order is kept so the shards do not depend on the worker count."""
+    task = functools.partial(_sample_or_problem, num_classes=len(job.dataset.classes), size=job.size, cf_methods=job.cf_methods)
+    if workers <= 1:
+        for record in records:
+            yield record, task(record)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(workers, initializer=_quiet_worker) as pool:
+        # Records travel to the workers and back beside their outcome; holding a bounded window
+        # keeps memory flat on large datasets.
+        window = 64 * workers
+        iterator = iter(records)
+        while chunk := list(itertools.islice(iterator, window)):
+            yield from zip(chunk, pool.imap(task, chunk, chunksize=8))
+
+
+def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods) -> dict | str:
+    if record.problem:
+        return record.problem
+    try:
+        return make_sample(record, num_classes, size, list(cf_methods))
+    except RecordError as exc:
+        return str(exc)
+
+
+def _quiet_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV's own threads would oversubscribe
 
 
 def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[str]) -> dict:
@@ -135,7 +272,7 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
     sample = {"__key__": record.key, IMAGE_EXT: encoded}
     for method in cf_methods:
         # A record without boxes trains as plain ERM; its counterfactual slot holds the image.
-        sample[cf_ext(method)] = encode_jpeg(FILLS[method](image, boxes)) if boxes else encoded
+        sample[cf_ext(method)] = encode_jpeg(FILLS[method](image, boxes, rng=record_rng(record.key, method))) if boxes else encoded
     if mask is not None:
         sample[MASK_EXT] = encode_png(binarize(resize(mask, size, nearest=True)))
     sample[META_EXT] = encode_meta(record.label, boxes, record.group, record.split, record.source, record.attrs)

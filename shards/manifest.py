@@ -10,12 +10,13 @@ from cfrobust.errors import UserError
 from cfrobust.shards.schema import INFO_NAME, SCHEMA
 
 
-def write_info(split_dir: Path, info: dict) -> None:
+def write_info(split_dir: Path, info: dict, name: str = INFO_NAME) -> None:
     """Write the manifest atomically: readers never see a half-written `_info.json`."""
     info = {"schema": SCHEMA, **info}
-    tmp = Path(split_dir) / (INFO_NAME + ".tmp")
+    # A per-process temporary name: two preprocessing ranks may merge the same split at once.
+    tmp = Path(split_dir) / f"{name}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-    os.replace(tmp, Path(split_dir) / INFO_NAME)
+    os.replace(tmp, Path(split_dir) / name)
 
 
 def read_info(split_dir) -> dict:

@@ -28,8 +28,17 @@ NORMALIZE_STD = (0.229, 0.224, 0.225)
 MEAN_RGB_UINT8 = tuple(round(255 * m) for m in NORMALIZE_MEAN)
 
 
-def shard_name(split: str, index: int) -> str:
+def shard_name(split: str, index: int, rank: int = 0, world_size: int = 1) -> str:
+    """`train-000003.tar`; with several preprocessing processes, `train-r002-000003.tar`."""
+    if world_size > 1:
+        return f"{split}-r{rank:03d}-{index:06d}.tar"
     return f"{split}-{index:06d}.tar"
+
+
+def part_info_name(rank: int, world_size: int) -> str:
+    """The manifest one of several preprocessing processes writes for its slice of a split;
+    `cfrobust shards merge` (or the last process to finish) combines them into `_info.json`."""
+    return f"_info.r{rank:03d}-of-{world_size:03d}.json"
 
 
 def cf_ext(method: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 from cfrobust.shards.schema import shard_name
 
@@ -72,19 +73,40 @@ def _header(name: bytes, size: int, kind: bytes) -> bytes:
     return bytes(header)
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class ShardWriter:
     """Samples in, `<split>-NNNNNN.tar` files out; every shard but the last holds the same count.
 
     A shard is written as `NAME.tmp` and renamed when complete, so a crash never leaves a
-    truncated file under a final name.
+    truncated file under a final name. `on_shard(entry)` runs after each rename (the resume
+    journal); `first_index` continues the numbering of shards kept from an earlier run.
     """
 
-    def __init__(self, split_dir: Path, split: str, samples_per_shard: int):
+    def __init__(
+        self,
+        split_dir: Path,
+        split: str,
+        samples_per_shard: int,
+        first_index: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        on_shard: Callable[[dict], None] | None = None,
+    ):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be at least 1")
         self.split_dir = Path(split_dir)
         self.split = split
         self.samples_per_shard = samples_per_shard
+        self.next_index = first_index
+        self.rank, self.world_size = rank, world_size
+        self.on_shard = on_shard
         self.shards: list[dict] = []
         self._tar = None
         self._file = None
@@ -98,8 +120,13 @@ class ShardWriter:
         if self._count == self.samples_per_shard:
             self._finish()
 
+    @property
+    def pending(self) -> int:
+        """Samples written to the shard in progress (not yet renamed into place)."""
+        return self._count if self._tar is not None else 0
+
     def close(self) -> list[dict]:
-        """Finish the last shard; return [{"name", "num_samples", "sha256"}] for the manifest."""
+        """Finish the last shard; return this writer's [{"name", "num_samples", "sha256"}]."""
         if self._tar is not None:
             self._finish()
         return self.shards
@@ -107,24 +134,32 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (after an error): no `.tmp` file is left behind."""
         if self._tar is not None:
-            name = shard_name(self.split, len(self.shards))
             try:
                 self._tar.close()
             finally:
                 self._file.close()
-                (self.split_dir / (name + ".tmp")).unlink(missing_ok=True)
+                self._temporary().unlink(missing_ok=True)
                 self._tar = self._file = None
 
+    def _name(self) -> str:
+        return shard_name(self.split, self.next_index, self.rank, self.world_size)
+
+    def _temporary(self) -> Path:
+        return self.split_dir / (self._name() + ".tmp")
+
     def _open(self) -> None:
-        name = shard_name(self.split, len(self.shards))
-        self._file = _HashingFile(self.split_dir / (name + ".tmp"))
+        self._file = _HashingFile(self._temporary())
         self._tar = _TarStream(self._file)
         self._count = 0
 
     def _finish(self) -> None:
-        name = shard_name(self.split, len(self.shards))
         self._tar.close()
         self._file.close()
-        os.replace(self.split_dir / (name + ".tmp"), self.split_dir / name)
-        self.shards.append({"name": name, "num_samples": self._count, "sha256": self._file.sha256.hexdigest()})
+        os.replace(self._temporary(), self.split_dir / self._name())
+        entry = {"name": self._name(), "num_samples": self._count, "sha256": self._file.sha256.hexdigest()}
+        self.shards.append(entry)
+        self.next_index += 1
         self._tar = self._file = None
+        self._count = 0
+        if self.on_shard is not None:
+            self.on_shard(entry)

@@ -91,7 +91,10 @@ def test_preprocess_into_an_existing_output_needs_overwrite(tmp_path):
     assert "train: 8 samples written, 0 skipped" in first.output
     before = (out / "train" / "_info.json").read_text()
     line = _error_line(CliRunner().invoke(cli, args))
-    assert line == f"Error: {out / 'train'} already exists; pass --overwrite to replace it or choose another --out"
+    assert line == (
+        f"Error: {out / 'train'} already holds output; pass --resume to continue it, "
+        "--overwrite to replace it, or choose another --out"
+    )
     assert (out / "train" / "_info.json").read_text() == before  # nothing touched
     again = CliRunner().invoke(cli, args + ["--overwrite", "--synthetic-image-size", "16"])
     assert again.exit_code == 0, again.output

@@ -454,7 +454,7 @@ def test_existing_split_needs_overwrite(tmp_path):
     preprocess(first, tmp_path, ["mean"], shard_size=2, progress=False)
     (tmp_path / "other").mkdir()  # not one of the dataset's splits: left alone
     before = {p.name: p.read_bytes() for p in (tmp_path / "train").iterdir()}
-    with pytest.raises(UserError, match="already exists.*--overwrite"):
+    with pytest.raises(UserError, match="already holds output.*--overwrite"):
         preprocess(second, tmp_path, ["mean"], shard_size=2, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "train").iterdir()} == before  # untouched
     preprocess(second, tmp_path, ["mean"], shard_size=2, overwrite=True, progress=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 ARCHS = ("simple-cnn", "resnet18", "resnet50")
-CF_FILLS = ("none", "mean", "tile")
+CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns")
 CF_LOSSES = ("logp",)
 FACTUAL_MODES = ("none", "mrand")
 REGULARIZERS = ("none", "bbox_o")
@@ -31,7 +31,12 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "SGD weight decay.")
     seed: int = option(0, "Seed for initialisation, shard order and augmentation.")
     workers: int = option(2, "DataLoader worker processes per training process.")
-    cf: str = option("none", "Counterfactual fill read from the shards (object removed).", CF_FILLS)
+    cf: str = option("none", "Counterfactual fill (object removed), read from the shards unless --cf-online.", CF_FILLS)
+    cf_online: bool = option(
+        False,
+        "Compute the --cf fill on the device from the image instead of reading it from the shards "
+        "(mean, random, shuffle, tile).",
+    )
     cf_loss: str = option("logp", "Counterfactual loss: logp = -log(1 - p_y(x_cf)).", CF_LOSSES)
     cf_coeff: float = option(1.0, "Weight of the counterfactual loss.")
     f: str = option("none", "Factual augmentation: mrand = object on another class's background.", FACTUAL_MODES)

@@ -13,6 +13,7 @@ from cfrobust.shards.reader import Batch
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import CF_LOSSES
 from cfrobust.trainer.factual import FACTUAL_MODES
+from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.pixels import box_masks, normalize
 from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES
 
@@ -40,7 +41,7 @@ class Objective:
             inputs.append(x_f[has_box])
             targets.append(y[has_box])
         if self.cf_loss is not None:
-            inputs.append(normalize(batch.cf[self.config.cf])[has_box])
+            inputs.append(self._counterfactuals(x.detach(), holes, has_box, batch))
         logits = model(torch.cat(inputs))
         n_ce = sum(len(t) for t in targets)
         terms = {"ce": F.cross_entropy(logits[:n_ce], torch.cat(targets))}
@@ -51,6 +52,12 @@ class Objective:
             penalty = self.regularizer(logits_x, x, y, holes, has_box, self.score)
             terms["sal"] = self.config.reg_coeff * penalty
         return terms, logits_x.detach()
+
+    def _counterfactuals(self, x, holes, has_box, batch: Batch) -> torch.Tensor:
+        """The boxed samples with their object removed: filled here (--cf-online) or read from the shards."""
+        if self.config.cf_online:
+            return ONLINE_FILLS[self.config.cf](x[has_box], holes[has_box], self.generator)
+        return normalize(batch.cf[self.config.cf])[has_box]
 
     @staticmethod
     def _mean_or_zero(loss, logits, labels):

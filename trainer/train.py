@@ -31,6 +31,7 @@ from cfrobust.trainer.checkpoint import save_checkpoint
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
+from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.objective import Objective
 
@@ -57,7 +58,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     data = TrainShards(
         Path(config.shards) / "train",
         config.batch,
-        [config.cf] if config.cf != "none" else [],
+        [config.cf] if config.cf != "none" and not config.cf_online else [],
         config.seed,
         env.rank,
         env.world_size,
@@ -176,7 +177,12 @@ def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv
 
 
 def check_config(config: TrainConfig, info: dict) -> None:
-    if config.cf != "none" and config.cf not in info["cf_methods"]:
+    if config.cf_online and config.cf != "none" and config.cf not in ONLINE_FILLS:
+        raise UserError(
+            f"--cf {config.cf} is offline only: drop --cf-online and read it from shards made with "
+            f"`cfrobust preprocess --cf {config.cf}` (online fills: {', '.join(ONLINE_FILLS)})"
+        )
+    if config.cf != "none" and not config.cf_online and config.cf not in info["cf_methods"]:
         have = ", ".join(info["cf_methods"]) or "none"
         raise UserError(
             f"{config.shards}/train: the shards carry no {config.cf!r} counterfactual (they have: {have}); "

@@ -1,0 +1,151 @@
+"""Preprocessing as a production job: parallel workers, crash and resume, several machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cfrobust.datasets import open_dataset
+from cfrobust.errors import UserError
+from cfrobust.preprocess.pipeline import preprocess
+from cfrobust.shards.reader import EvalShards
+
+SIZES = (40, 10, 10)
+FILLS = ["tile", "mean"]
+
+
+def synthetic():
+    return open_dataset("synthetic", seed=5, sizes=SIZES, image_size=16)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def samples(root: Path, split: str) -> dict[str, dict]:
+    """Every sample of a split, by key, as its decoded parts (independent of shard layout)."""
+    found = {}
+    for worker in range(1):
+        for batch in EvalShards(root / split, batch_size=1000).iter_worker(worker, 1):
+            for i, key in enumerate(batch.keys):
+                found[key] = (batch.images[i].numpy().tobytes(), int(batch.labels[i]), batch.boxes[i].tolist())
+    return found
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "shards"
+    preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
+    return out
+
+
+def test_any_worker_count_writes_byte_identical_shards(clean_run, tmp_path):
+    preprocess(synthetic(), tmp_path / "w3", FILLS, shard_size=7, progress=False, workers=3)
+    assert files(tmp_path / "w3") == files(clean_run)
+
+
+SLOW_RUN = """
+import sys, time
+from cfrobust.datasets.synthetic import SyntheticDataset
+from cfrobust.preprocess.pipeline import preprocess
+
+class Slow(SyntheticDataset):
+    def make_record(self, split, index):
+        time.sleep(0.05)
+        return super().make_record(split, index)
+
+preprocess(Slow(seed=5, sizes={sizes}, image_size=16), sys.argv[1], {fills}, shard_size=7, progress=False)
+"""
+
+
+def test_a_run_killed_mid_shard_resumes_to_the_clean_result(clean_run, tmp_path):
+    out = tmp_path / "shards"
+    code = SLOW_RUN.format(sizes=SIZES, fills=FILLS)
+    process = subprocess.Popen([sys.executable, "-c", code, str(out)])
+    journal = out / "train" / "_progress.jsonl"
+    deadline = time.monotonic() + 60
+    # Kill once two shards are journalled and a third is half written.
+    while time.monotonic() < deadline:
+        lines = journal.read_text().splitlines() if journal.exists() else []
+        if len(lines) >= 2 and list((out / "train").glob("*.tmp")):
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "train" / "_info.json").exists()
+    with pytest.raises(UserError, match="pass --resume to continue it"):
+        preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
+    summaries = preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, resume=True)
+    assert summaries[0].resumed_shards >= 2
+    assert files(out) == files(clean_run)
+
+
+def test_resume_of_a_finished_run_changes_nothing(clean_run, tmp_path):
+    out = tmp_path / "shards"
+    preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
+    summaries = preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, resume=True)
+    assert [(s.split, s.written, s.resumed_shards) for s in summaries] == [("train", 40, 6), ("val", 10, 2), ("test", 10, 2)]
+    assert files(out) == files(clean_run)
+
+
+def test_resume_redoes_a_shard_whose_file_was_damaged(clean_run, tmp_path):
+    out = tmp_path / "shards"
+    preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
+    # Pretend the run died after 3 train shards, one of which got damaged afterwards.
+    info = json.loads((out / "train" / "_info.json").read_text())
+    journal = out / "train" / "_progress.jsonl"
+    entries, source = [], synthetic()
+    for i, shard in enumerate(info["shards"][:3]):
+        records = [source.make_record("train", k) for k in range(7 * i, 7 * i + 7)]
+        groups = {}
+        for r in records:
+            groups[r.group] = groups.get(r.group, 0) + 1
+        keys = [r.key for r in records]
+        entries.append({"shard": shard, "consumed": 7 * (i + 1), "keys": keys, "groups": groups, "skipped": []})
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (out / "train" / "_info.json").unlink()
+    for shard in info["shards"][3:]:
+        (out / "train" / shard["name"]).unlink()
+    damaged = out / "train" / info["shards"][1]["name"]
+    damaged.write_bytes(damaged.read_bytes()[:-600])
+    summaries = preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, resume=True)
+    assert summaries[0].resumed_shards == 1  # shard 0 kept; 1 failed its hash, so 1 and 2 are redone
+    assert files(out) == files(clean_run)
+
+
+def test_two_ranks_then_merge_hold_the_same_samples_as_one(clean_run, tmp_path):
+    out = tmp_path / "shards"
+    for rank in (1, 0):  # the order machines finish in does not matter
+        preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, rank=rank, world_size=2)
+    for split, count in zip(("train", "val", "test"), SIZES):
+        info = json.loads((out / split / "_info.json").read_text())
+        clean = json.loads((clean_run / split / "_info.json").read_text())
+        assert info["num_samples"] == count
+        assert all(s["name"].startswith(f"{split}-r00") for s in info["shards"])
+        assert info["group_counts"] == clean["group_counts"]
+        assert samples(out, split) == samples(clean_run, split)
+
+
+def test_rank_outside_the_world_and_resume_with_overwrite_are_refused(tmp_path):
+    with pytest.raises(UserError, match="rank 2 is outside 0..1"):
+        preprocess(synthetic(), tmp_path, FILLS, rank=2, world_size=2, progress=False)
+    with pytest.raises(UserError, match="choose one"):
+        preprocess(synthetic(), tmp_path, FILLS, resume=True, overwrite=True, progress=False)
+
+
+def test_overwrite_of_one_rank_leaves_the_other_ranks_files(tmp_path):
+    out = tmp_path / "shards"
+    preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, rank=0, world_size=2)
+    rank1_before = None
+    preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, rank=1, world_size=2)
+    rank1_before = {k: v for k, v in files(out).items() if "-r001-" in k or "r001-of" in k}
+    preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, rank=0, world_size=2, overwrite=True)
+    assert {k: v for k, v in files(out).items() if "-r001-" in k or "r001-of" in k} == rank1_before
+    assert (out / "train" / "_info.json").exists()  # re-merged after rank 0 finished again

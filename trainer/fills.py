@@ -1,0 +1,65 @@
+"""Counterfactual fills computed on the device, for `--cf-online`: whole batches at once.
+
+Each fill has the meaning of its offline twin in `cfrobust.preprocess.fills` (telea/ns exist
+offline only): it takes normalised images [B, 3, H, W], holes [B, 1, H, W] (bool) and a
+torch.Generator, and returns new images that differ from the input only inside the holes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from cfrobust.preprocess.fills import RANDOM_NOISE_STD
+from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD
+from cfrobust.trainer.pixels import normalize, tiled_backgrounds
+
+OnlineFill = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+def online_mean(x: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """0 in the hole: the normalisation mean (offline rounds it to the nearest uint8 colour)."""
+    return x.masked_fill(holes, 0.0)
+
+
+def online_tile(x: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's largest hole-free band, tiled and pasted into its hole."""
+    return torch.where(holes, tiled_backgrounds(x, holes), x)
+
+
+def online_random(x: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One uniform colour per image plus per-pixel Gaussian noise, drawn in uint8 units and
+    rounded like the offline fill, then normalised."""
+    batch, channels, height, width = x.shape
+    colour = torch.rand((batch, channels, 1, 1), generator=generator, device=x.device) * 255
+    noise = torch.randn((batch, channels, height, width), generator=generator, device=x.device) * RANDOM_NOISE_STD
+    pixels = (colour + noise).clamp(0, 255).round()
+    return torch.where(holes, normalize(pixels).to(x.dtype), x)
+
+
+def online_shuffle(x: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's values (all pixels and channels) randomly permuted, pasted into its hole.
+
+    The permutation moves values between channels, so it happens in [0, 1] pixel units: a red
+    value landing in the green channel is normalised as green, as the offline fill's would be.
+    """
+    mean, std = _mean_std(x)
+    pixels = (x * std + mean).flatten(1)
+    keys = torch.rand(pixels.shape, generator=generator, device=x.device)
+    shuffled = pixels.gather(1, keys.argsort(dim=1)).view_as(x)
+    return torch.where(holes, (shuffled - mean) / std, x)
+
+
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(NORMALIZE_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZE_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
+ONLINE_FILLS: dict[str, OnlineFill] = {
+    "mean": online_mean,
+    "random": online_random,
+    "shuffle": online_shuffle,
+    "tile": online_tile,
+}
