@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import click
+from click.core import ParameterSource
 
 from cfrobust.cli.options import dataclass_options
 from cfrobust.trainer.config import TrainConfig
@@ -12,7 +13,8 @@ from cfrobust.trainer.config import TrainConfig
 
 @click.command(context_settings={"max_content_width": 100})
 @dataclass_options(TrainConfig, required=("shards", "out"))
-def train(**options) -> None:
+@click.pass_context
+def train(ctx, **options) -> None:
     """Train a classifier on shards, with the counterfactual (--cf), factual (--f) and saliency
     (--reg) terms of the method, and score the best checkpoint into OUT/eval.json.
 
@@ -22,7 +24,8 @@ def train(**options) -> None:
     """
     from cfrobust.trainer.train import train as run_training
 
-    document = run_training(TrainConfig(**options))
+    explicit = {name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
+    document = run_training(TrainConfig(**options).with_preset(explicit))
     test = document["splits"].get("test")
     if test is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         click.echo(

@@ -71,13 +71,16 @@ class Job:
         suffix = "" if self.world_size == 1 else f".r{self.rank:03d}-of-{self.world_size:03d}"
         return self.out / split / f"_progress{suffix}.jsonl"
 
+    def shard_prefix(self, split: str) -> str:
+        """What the names of this process's shards start with (`train-`, `train-r002-`)."""
+        return shard_name(split, 0, self.rank, self.world_size)[: -len("000000.tar")]
+
     def own_files(self, split: str) -> list[Path]:
         """Everything this process writes in a split folder (shards, temporaries, manifests)."""
         folder = self.out / split
         if not folder.is_dir():
             return []
-        prefix = shard_name(split, 0, self.rank, self.world_size)[: -len("000000.tar")]
-        mine = [p for p in folder.iterdir() if p.name.startswith(prefix)]
+        mine = [p for p in folder.iterdir() if p.name.startswith(self.shard_prefix(split))]
         merged = folder / INFO_NAME  # the split's manifest, stale once any part is rewritten
         return list(dict.fromkeys(mine + [p for p in (self.manifest(split), self.journal(split), merged) if p.exists()]))
 
@@ -134,7 +137,7 @@ def write_split(job: Job, split: str, resume: bool, workers: int, show_progress:
         info = json.loads(job.manifest(split).read_text())
         return SplitSummary(split, info["num_samples"], info["skipped"], len(info["shards"]))
     split_dir.mkdir(parents=True, exist_ok=True)
-    for temporary in split_dir.glob(shard_name(split, 0, job.rank, job.world_size)[: -len("000000.tar")] + "*.tmp"):
+    for temporary in split_dir.glob(job.shard_prefix(split) + "*.tmp"):
         temporary.unlink()  # a shard the crash interrupted; it is redone
     done = SplitProgress.load(job.journal(split))
     summary = SplitSummary(split, sum(s["num_samples"] for s in done.shards), list(done.skipped), len(done.shards))

@@ -41,15 +41,22 @@ class Batch:
         return len(self.labels)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking), slice(None))
+
+    def chunks(self, count: int) -> list["Batch"]:
+        """The batch cut into `count` nearly equal parts (gradient accumulation)."""
+        bounds = [round(i * len(self) / count) for i in range(count + 1)]
+        return [self._map(lambda t: t, slice(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def _map(self, move, rows: slice) -> "Batch":
         return Batch(
-            images=move(self.images),
-            labels=move(self.labels),
-            boxes=move(self.boxes),
-            box_valid=move(self.box_valid),
-            cf={m: move(t) for m, t in self.cf.items()},
-            groups=self.groups,
-            keys=self.keys,
+            images=move(self.images[rows]),
+            labels=move(self.labels[rows]),
+            boxes=move(self.boxes[rows]),
+            box_valid=move(self.box_valid[rows]),
+            cf={m: move(t[rows]) for m, t in self.cf.items()},
+            groups=self.groups[rows],
+            keys=self.keys[rows],
         )
 
 

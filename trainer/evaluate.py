@@ -27,8 +27,9 @@ ECE_BINS = 10
 
 
 @torch.no_grad()
-def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int = 0) -> dict:
-    """Logits, labels and groups of every sample of a split (gathered from all ranks)."""
+def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None) -> dict:
+    """Logits, labels and groups of every sample of a split (gathered from all ranks). Only the
+    first `num_classes` outputs count (the `channels` CF loss adds K background outputs)."""
     was_training = model.training
     model.eval()
     logits, labels, groups, keys = [], [], [], []
@@ -36,7 +37,7 @@ def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int 
         images = normalize(batch.images.to(env.device))
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
             out = model(images)
-        logits.append(out.float().cpu())
+        logits.append(out[:, :num_classes].float().cpu())
         labels.append(batch.labels)
         groups += batch.groups
         keys += batch.keys
@@ -130,10 +131,10 @@ def split_metrics(logits: np.ndarray, labels: np.ndarray, groups: list[str]) -> 
     }
 
 
-def evaluate_splits(model, shards_root, splits: list[str], env: DistEnv, batch_size: int = 256, workers: int = 0):
+def evaluate_splits(model, shards_root, splits, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None):
     results = {}
     for split in splits:
-        pred = predict(model, Path(shards_root) / split, env, batch_size, workers)
+        pred = predict(model, Path(shards_root) / split, env, batch_size, workers, num_classes)
         empty = len(pred["labels"]) == 0
         results[split] = {"n": 0} if empty else split_metrics(pred["logits"], pred["labels"], pred["groups"])
     return results
@@ -149,10 +150,12 @@ def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device=
         missing = [s for s in splits if s not in available]
         if missing:
             raise UserError(f"{shards}: no split {missing[0]!r} (found: {', '.join(available)})")
-        model = build_model(state["config"]["arch"], len(state["classes"]))
+        num_classes = len(state["classes"])
+        outputs = num_classes * 2 if state["config"].get("cf_loss") == "channels" else num_classes
+        model = build_model(state["config"]["arch"], outputs)
         model.load_state_dict(state["model"])
         model.to(env.device)
-        results = evaluate_splits(model, shards, splits, env, batch_size, workers)
+        results = evaluate_splits(model, shards, splits, env, batch_size, workers, num_classes)
         document = eval_document(checkpoint, state["config"], results, shards)
         if env.is_main:
             write_json(out, document)

@@ -13,11 +13,13 @@ into RUN/eval.json.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,13 +29,14 @@ from tqdm import tqdm
 from cfrobust.errors import UserError
 from cfrobust.shards.manifest import list_splits
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
-from cfrobust.trainer.checkpoint import save_checkpoint
+from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.objective import Objective
+from cfrobust.trainer.optim import Schedule, make_optimizer
 
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one syncs the device)
 
@@ -48,13 +51,27 @@ def train(config: TrainConfig) -> dict:
         teardown_distributed()
 
 
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint so a killed run continues exactly."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps so far
+    batches_done: int = 0  # batches of the current, unfinished epoch
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    metrics: list = field(default_factory=list)  # one record per completed epoch
+
+
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)
     out = Path(config.out)
+    checkpoint = resume_point(out, config)
     if env.is_main:
-        prepare_run_folder(out, config)
-    model, ddp_model = make_model(config, len(info["classes"]), env)
+        prepare_run_folder(out, config, resuming=checkpoint is not None)
+    num_classes = len(info["classes"])
+    model, ddp_model = make_model(config, num_classes, env)
     data = TrainShards(
         Path(config.shards) / "train",
         config.batch,
@@ -64,35 +81,149 @@ def train_in(env: DistEnv, config: TrainConfig):
         env.world_size,
         config.workers,
     )
-    optimizer, scheduler = make_optimizer(model, config, total_steps=len(data) * config.epochs)
+    optimizer = make_optimizer(model, config)
+    schedule = Schedule(optimizer, config, steps_per_epoch=len(data))
+    precision = Precision(config.precision, env.device)
     # Augmentation randomness differs per rank (each sees other images) but is seeded.
-    objective = Objective(config, torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank))
-    loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
+    generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
+    objective = Objective(config, generator)
+    parts = TrainingParts(ddp_model, objective, optimizer, schedule, precision, generator, env, config)
+    state, best_weights = RunState(), None
+    if checkpoint is not None:
+        state, best_weights = restore(checkpoint, model, parts)
     select_on = selection_split(splits)
-    best = {"score": -math.inf, "epoch": 0, "state": None}
-    for epoch in range(1, config.epochs + 1):
-        data.set_epoch(epoch - 1)
-        stats = train_one_epoch(ddp_model, objective, loader, optimizer, scheduler, env, epoch, config.epochs)
+    loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
+    for epoch in range(state.epoch, config.epochs):
+        data.set_epoch(epoch)
+        if hasattr(objective, "set_epoch"):
+            objective.set_epoch(epoch)
+        save_mid_epoch = lambda: env.is_main and save_checkpoint(  # noqa: E731
+            out / "checkpoints" / "last.pt", checkpoint_state(model, parts, info, state)
+        )
+        stats = train_one_epoch(parts, loader, state, epoch, save_mid_epoch)
         sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; keep rank 0's
-        record = {"epoch": epoch, "step": epoch * len(data), **stats}
+        record = {"epoch": epoch + 1, "step": state.step, **stats}
         if select_on:
-            val = evaluate_splits(model, config.shards, [select_on], env, batch_size=2 * config.batch)[select_on]
-            record["val"] = {k: val[k] for k in ("accuracy", "loss", "worst_group_accuracy", "mean_group_accuracy")}
+            val = evaluate_splits(model, config.shards, [select_on], env, 2 * config.batch, num_classes=num_classes)
+            record["val"] = {k: val[select_on][k] for k in ("accuracy", "loss", "worst_group_accuracy", "mean_group_accuracy")}
             record["val"]["split"] = select_on
-        score = record["val"]["accuracy"] if "val" in record else epoch  # without val: the last epoch
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        schedule.after_epoch(record["val"]["loss"] if select_on else None)
+        score = record["val"]["accuracy"] if select_on else epoch  # without val: the last epoch
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_epoch = score, epoch + 1
+            best_weights = copy.deepcopy(model.state_dict())
+        state.epoch, state.batches_done = epoch + 1, 0
+        state.metrics.append(record)
         if env.is_main:
-            state = checkpoint_state(model, optimizer, scheduler, config, info, epoch, record["step"])
-            save_epoch(out, record, state, is_best=best["epoch"] == epoch)
-    model.load_state_dict(best["state"])
+            save_epoch(out, state, checkpoint_state(model, parts, info, state), is_best=improved)
+    model.load_state_dict(best_weights)
     eval_splits = [s for s in splits if s != "train"]
-    results = evaluate_splits(model, config.shards, eval_splits, env, batch_size=2 * config.batch)
+    results = evaluate_splits(model, config.shards, eval_splits, env, 2 * config.batch, num_classes=num_classes)
     document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results, config.shards)
-    document["best_epoch"] = best["epoch"]
+    document["best_epoch"] = state.best_epoch
     if env.is_main:
         write_json(out / "eval.json", document)
     return document, model
+
+
+@dataclass
+class TrainingParts:
+    """What one optimizer step needs, passed around as one thing."""
+
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    precision: "Precision"
+    generator: torch.Generator
+    env: DistEnv
+    config: TrainConfig
+
+
+class Precision:
+    """Autocast and, for fp16, a gradient scaler. `auto`: bf16 on GPU, fp32 on CPU."""
+
+    def __init__(self, option: str, device: torch.device):
+        if option == "16" and device.type != "cuda":
+            raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
+        kind = ("bf16" if device.type == "cuda" else "32") if option == "auto" else option
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(kind)
+        self.scaler = torch.amp.GradScaler("cuda") if kind == "16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def train_one_epoch(parts: TrainingParts, loader, state: RunState, epoch: int, save_checkpoint_now) -> dict:
+    env, config = parts.env, parts.config
+    parts.model.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=env.device)
+    seen = 0
+    start = time.perf_counter()
+    skip = state.batches_done  # batches this epoch already did before an interruption
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not env.is_main, leave=False)
+    for index, batch in enumerate(bar):
+        if index < skip:
+            continue  # the stream is deterministic: these batches were trained on before the crash
+        terms, logits, batch = optimizer_step(parts, batch.to(env.device, non_blocking=True))
+        state.step += 1
+        state.batches_done = index + 1
+        # Running sums stay on the device: reading a value each step would stall a GPU.
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        correct += (logits.argmax(dim=1) == batch.labels).sum()
+        seen += len(batch)
+        if env.is_main and index % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{float(sum(terms.values())):.3f}")
+        if config.save_every and state.step % config.save_every == 0:
+            save_checkpoint_now()
+    steps = max(1, len(loader) - skip)
+    seconds = time.perf_counter() - start
+    terms_mean = {k: float(v) / steps for k, v in sums.items()}
+    return {
+        "loss": sum(terms_mean.values()),
+        "terms": terms_mean,
+        "train_accuracy": float(correct) / max(1, seen),
+        "lr": parts.optimizer.param_groups[0]["lr"],
+        "images_per_s": seen * env.world_size / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def optimizer_step(parts: TrainingParts, batch):
+    """One optimizer step over the batch, cut into --batch-split chunks whose gradients add up;
+    DDP all-reduces only on the last chunk. Returns the detached terms and logits of x."""
+    chunks = batch.chunks(parts.config.batch_split)
+    parts.optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, torch.Tensor] = {}
+    all_logits = []
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not parts.env.distributed else parts.model.no_sync()
+        with sync:
+            with parts.precision.autocast():
+                terms, logits = parts.objective(parts.model, chunk)
+            weight = len(chunk) / len(batch)
+            parts.precision.backward(sum(terms.values()) * weight)
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() * weight
+        all_logits.append(logits)
+    parts.precision.step(parts.optimizer)
+    parts.schedule.after_step()
+    return totals, torch.cat(all_logits), batch
 
 
 def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
@@ -115,7 +246,8 @@ def selection_split(splits: list[str]) -> str | None:
 def make_model(config: TrainConfig, num_classes: int, env: DistEnv):
     """The model, and the module to call in training (DDP-wrapped when distributed)."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = build_model(config.arch, num_classes).to(env.device)
+    outputs = num_classes * 2 if config.cf_loss == "channels" else num_classes
+    model = build_model(config.arch, outputs).to(env.device)
     if env.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if not env.distributed:
@@ -124,56 +256,16 @@ def make_model(config: TrainConfig, num_classes: int, env: DistEnv):
     return model, DistributedDataParallel(model, device_ids=device_ids)
 
 
-def make_optimizer(model, config: TrainConfig, total_steps: int):
-    """SGD with momentum 0.9 and a per-step cosine decay from --lr to 0."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))  # noqa: E731
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-
-
-def save_epoch(out: Path, record: dict, state: dict, is_best: bool) -> None:
-    save_checkpoint(out / "checkpoints" / "last.pt", state)
+def save_epoch(out: Path, state: RunState, checkpoint: dict, is_best: bool) -> None:
+    """Checkpoint, best copy, and metrics.jsonl rewritten from the state (so a resumed run's log
+    holds each epoch exactly once, whenever the crash came)."""
+    save_checkpoint(out / "checkpoints" / "last.pt", checkpoint)
     if is_best:
         shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
-    with open(out / "metrics.jsonl", "a") as log:
-        log.write(json.dumps(record) + "\n")
-    tqdm.write(epoch_line(record))
-
-
-def train_one_epoch(model, objective, loader, optimizer, scheduler, env: DistEnv, epoch: int, epochs: int) -> dict:
-    model.train()
-    sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=env.device)
-    seen = 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not env.is_main, leave=False)
-    for step, batch in enumerate(bar):
-        batch = batch.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
-            terms, logits = objective(model, batch)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        # Running sums stay on the device: reading a value each step would stall a GPU.
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-        correct += (logits.argmax(dim=1) == batch.labels).sum()
-        seen += len(batch)
-        if env.is_main and step % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    steps = max(1, len(loader))
-    seconds = time.perf_counter() - start
-    terms_mean = {k: float(v) / steps for k, v in sums.items()}
-    return {
-        "loss": sum(terms_mean.values()),
-        "terms": terms_mean,
-        "train_accuracy": float(correct) / max(1, seen),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": seen * env.world_size / seconds,
-        "seconds": seconds,
-    }
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in state.metrics))
+    tmp.replace(out / "metrics.jsonl")
+    tqdm.write(epoch_line(state.metrics[-1]))
 
 
 def check_config(config: TrainConfig, info: dict) -> None:
@@ -192,26 +284,59 @@ def check_config(config: TrainConfig, info: dict) -> None:
         raise UserError("--epochs and --batch must be at least 1")
 
 
-def prepare_run_folder(out: Path, config: TrainConfig) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise UserError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out")
+def resume_point(out: Path, config: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run (also with --resume and no
+    checkpoint yet, so `torchrun --max-restarts` can always pass --resume)."""
+    last = out / "checkpoints" / "last.pt"
+    if config.resume and last.is_file():
+        return last
+    if out.exists() and any(out.iterdir()) and not (config.resume or config.overwrite):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    return None
+
+
+def prepare_run_folder(out: Path, config: TrainConfig, resuming: bool) -> None:
+    if not resuming and out.exists() and config.overwrite:
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
 
-def checkpoint_state(model, optimizer, scheduler, config, info, epoch: int, step: int) -> dict:
+def checkpoint_state(model, parts: TrainingParts, info: dict, state: RunState) -> dict:
     return {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "config": config.to_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.schedule.state_dict(),
+        "scaler": parts.precision.scaler.state_dict() if parts.precision.scaler else {},
+        "epoch": state.epoch,
+        "step": state.step,
+        "state": asdict(state),
+        "config": parts.config.to_dict(),
         "classes": list(info["classes"]),
-        "rng": {"torch": torch.get_rng_state()},
+        "rng": {"torch": torch.get_rng_state(), "augment": parts.generator.get_state()},
     }
+
+
+def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
+    """Load a checkpoint into the run; returns its state and the best weights so far."""
+    saved = load_checkpoint(path, map_location="cpu")
+    changed = sorted(k for k, v in saved["config"].items() if k not in RESUMABLE and parts.config.to_dict().get(k) != v)
+    if changed:
+        raise UserError(f"{path}: the run was made with other options ({', '.join(changed)}); resume with the same ones")
+    model.load_state_dict(saved["model"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.schedule.load_state_dict(saved["scheduler"])
+    if parts.precision.scaler and saved["scaler"]:
+        parts.precision.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    parts.generator.set_state(saved["rng"]["augment"])
+    state = RunState(**saved["state"])
+    best_path = path.with_name("best.pt")
+    best = load_checkpoint(best_path)["model"] if best_path.is_file() else copy.deepcopy(model.state_dict())
+    return state, best
+
+
+RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every"}  # may differ between the two runs
 
 
 def epoch_line(record: dict) -> str:

@@ -1,0 +1,146 @@
+"""Crash-safe training: checkpoints, --resume, presets, schedules, gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cfrobust.cli.main import cli
+from cfrobust.errors import UserError
+from cfrobust.shards.reader import Batch
+from cfrobust.trainer.checkpoint import load_checkpoint
+from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.distributed import DistEnv
+from cfrobust.trainer.objective import Objective
+from cfrobust.trainer.optim import Schedule, make_optimizer
+from cfrobust.trainer.train import Precision, TrainingParts, optimizer_step, train
+
+ARGS = ["--arch", "simple-cnn", "--epochs", "2", "--batch", "16", "--workers", "0", "--device", "cpu",
+        "--cf", "tile", "--f", "mrand", "--reg", "bbox_o", "--lr", "0.05"]
+
+
+def config_of(shards, out, **extra) -> TrainConfig:
+    options = dict(arch="simple-cnn", epochs=2, batch=16, workers=0, device="cpu", cf="tile", f="mrand", reg="bbox_o", lr=0.05)
+    return TrainConfig(shards=str(shards), out=str(out), **{**options, **extra})
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tiny_shards, tmp_path):
+    clean = tmp_path / "clean"
+    train(config_of(tiny_shards, clean))
+    run = tmp_path / "killed"
+    worker = Path(__file__).with_name("slow_train.py")
+    process = subprocess.Popen([sys.executable, str(worker), "--shards", str(tiny_shards), "--out", str(run),
+                                "--save-every", "2", *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.exists() and load_checkpoint(last)["step"] >= 8:  # epoch 2 of 6 steps each, mid-way
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = load_checkpoint(last)
+    assert 8 <= saved["step"] < 12 and saved["state"]["batches_done"] > 0  # killed inside epoch 2
+    assert not (run / "eval.json").exists()
+    train(config_of(tiny_shards, run, resume=True, save_every=2))
+    resumed, reference = load_checkpoint(last), load_checkpoint(clean / "checkpoints" / "last.pt")
+    assert resumed["step"] == reference["step"] == 12
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert json.loads((run / "eval.json").read_text())["splits"] == json.loads((clean / "eval.json").read_text())["splits"]
+
+
+def test_resume_of_a_finished_run_does_not_train_again(tiny_shards, tmp_path):
+    first = train(config_of(tiny_shards, tmp_path / "run", epochs=1))
+    before = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    again = train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True))
+    after = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert after["step"] == before["step"] == 6
+    assert again["splits"] == first["splits"]
+
+
+def test_resume_with_other_options_is_refused(tiny_shards, tmp_path):
+    train(config_of(tiny_shards, tmp_path / "run", epochs=1))
+    with pytest.raises(UserError, match=r"made with other options \(lr\)"):
+        train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, lr=0.1))
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tiny_shards, tmp_path):
+    document = train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True))
+    assert document["best_epoch"] == 1
+
+
+def test_preset_values_yield_to_explicit_options(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(run), "--preset", "waterbirds",
+                                      "--epochs", "1", "--batch", "16", "--arch", "simple-cnn", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"], config["lr"], config["momentum"], config["weight_decay"]) == ("sgd", 8e-4, 0.9, 1e-4)
+    assert (config["scheduler"], config["epochs"], config["batch"]) == ("plateau", 1, 16)
+
+
+def test_step_schedule_decays_at_the_milestone_epochs():
+    model = torch.nn.Linear(2, 2)
+    config = TrainConfig(optimizer="sgd", lr=1.0, scheduler="step", milestones="1,3", gamma=0.1, epochs=4)
+    optimizer = make_optimizer(model, config)
+    schedule = Schedule(optimizer, config, steps_per_epoch=5)
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        schedule.after_step()  # per-step calls do not move a step schedule
+        schedule.after_epoch(val_loss=1.0)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01])
+
+
+def test_plateau_schedule_decays_after_patience_epochs_without_progress():
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="sgd", lr=1.0))
+    schedule = Schedule(optimizer, TrainConfig(scheduler="plateau", gamma=0.5), steps_per_epoch=1)
+    for _ in range(7):
+        schedule.after_epoch(val_loss=1.0)  # never improves after the first
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_batch_split_accumulates_the_same_gradient_as_one_pass():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    batch = Batch(images=images, labels=torch.tensor([0, 1, 0, 1, 1, 0]), boxes=torch.zeros(6, 1, 4),
+                  box_valid=torch.zeros(6, 1, dtype=torch.bool), groups=["g"] * 6, keys=[str(i) for i in range(6)])
+    grads = []
+    for split in (1, 3):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 2))
+        config = TrainConfig(batch_split=split, lr=0.0)
+        optimizer = make_optimizer(model, config)
+        parts = TrainingParts(model, Objective(config), optimizer, Schedule(optimizer, config, 1),
+                              Precision("32", torch.device("cpu")), torch.Generator(), DistEnv(0, 1, 0, torch.device("cpu")), config)
+        terms, logits, _ = optimizer_step(parts, batch)
+        grads.append((model[1].weight.grad.clone(), float(terms["ce"]), logits.shape))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
+    assert grads[0][2] == grads[1][2] == (6, 2)
+
+
+def test_chunks_cover_the_batch_in_order():
+    batch = Batch(images=torch.zeros(5, 3, 2, 2, dtype=torch.uint8), labels=torch.arange(5), boxes=torch.zeros(5, 1, 4),
+                  box_valid=torch.zeros(5, 1, dtype=torch.bool), groups=list("abcde"), keys=list("vwxyz"))
+    chunks = batch.chunks(2)
+    assert [c.labels.tolist() for c in chunks] == [[0, 1], [2, 3, 4]]
+    assert [c.keys for c in chunks] == [["v", "w"], ["x", "y", "z"]]
+
+
+def test_fp16_needs_a_gpu():
+    with pytest.raises(UserError, match="--precision 16 needs a CUDA device"):
+        Precision("16", torch.device("cpu"))
