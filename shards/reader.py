@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cfrobust.errors import UserError
+from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import read_info
 from cfrobust.shards.schema import IMAGE_EXT, META_EXT, cf_ext, decode_rgb
 
@@ -86,6 +88,12 @@ def batches_per_worker(shard_counts: list[int], total_workers: int, batch_size: 
     """
     fewest = len(shard_counts) // total_workers
     return sum(sorted(shard_counts)[:fewest]) // batch_size
+
+
+def shard_keys(path: Path) -> list[str]:
+    """The sample keys of a shard, from its member names alone (the payloads are skipped)."""
+    with tarfile.open(path) as archive:
+        return sorted({name.split(".", 1)[0] for name in archive.getnames()})
 
 
 def iter_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]:
@@ -167,6 +175,7 @@ class TrainShards(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         shuffle_buffer: int = 512,
+        experiment: DataExperiment | None = None,
     ):
         self.split_dir = Path(split_dir)
         self.info = split_info(split_dir)
@@ -177,6 +186,7 @@ class TrainShards(IterableDataset):
         self.world_size = world_size
         self.loader_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
+        self.experiment = experiment if experiment is not None and experiment.active else None
         self.epoch = 0
         total_workers = world_size * self.loader_workers
         names = [s["name"] for s in self.info["shards"]]
@@ -186,6 +196,8 @@ class TrainShards(IterableDataset):
                 f"loader worker(s); use fewer --workers or re-run preprocess with a smaller --shard-size"
             )
         counts = [s["num_samples"] for s in self.info["shards"]]
+        if self.experiment is not None and self.experiment.data_ratio < 1:
+            counts = [sum(map(self.experiment.keeps, shard_keys(self.split_dir / s["name"]))) for s in self.info["shards"]]
         self.per_worker = batches_per_worker(counts, total_workers, batch_size)
         if self.per_worker == 0:
             raise UserError(
@@ -210,10 +222,17 @@ class TrainShards(IterableDataset):
         names = shard_order([s["name"] for s in self.info["shards"]], self.seed, self.epoch)
         paths = [self.split_dir / n for n in shards_for_worker(names, global_worker, total)]
         rng = np.random.default_rng([self.seed, self.epoch, global_worker])
-        samples = _shuffled(iter_samples(paths, self.cf_methods), self.shuffle_buffer, rng)
+        samples = _shuffled(self._stream(paths), self.shuffle_buffer, rng)
         for _ in range(self.per_worker):
             chunk = [next(samples) for _ in range(self.batch_size)]
             yield collate(chunk)
+
+
+    def _stream(self, paths: list[Path]) -> Iterator[dict]:
+        samples = iter_samples(paths, self.cf_methods)
+        if self.experiment is None:
+            return samples
+        return (self.experiment.apply(s) for s in samples if self.experiment.keeps(s["key"]))
 
 
 class EvalShards(IterableDataset):

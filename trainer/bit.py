@@ -1,7 +1,6 @@
 """BiT ResNet-V2 (Kolesnikov et al., "Big Transfer"): pre-activation bottlenecks, GroupNorm, StdConv.
 
-Module names follow the official checkpoints (root, body.block1.unit01, head) so that
-`npz_key_table` maps every parameter to its key in an official BiT `.npz` file in one place.
+Module names follow the official ones, so `npz_key_table` maps each parameter to its official `.npz` key.
 """
 
 from __future__ import annotations
@@ -167,7 +166,8 @@ def load_bit_npz(model: ResNetV2, path) -> dict:
                 continue
             value, target = tf_to_torch(weights[key]), params[name]
             if value.shape != target.shape:
-                raise UserError(f"--pretrained {path}: {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                raise UserError(f"--pretrained {path}: {key!r} has shape {tuple(value.shape)}, "
+                                f"expected {tuple(target.shape)}, after HWIO -> OIHW)")
             with torch.no_grad():
                 target.copy_(value)
             loaded.append(name)

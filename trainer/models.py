@@ -118,7 +118,8 @@ def read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged or foreign file
-        raise UserError(f"--pretrained {path}: not a readable state dict ({type(exc).__name__}: {one_line(exc)})") from None
+        reason = f"{type(exc).__name__}: {one_line(exc)}"
+        raise UserError(f"--pretrained {path}: not a readable state dict ({reason})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -137,8 +138,9 @@ def load_matching(model: nn.Module, state: dict, fresh: tuple[str, ...] = (), so
     missing = [k for k in own if k not in state and not k.startswith(fresh)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
+        missing_names, unexpected_names = ", ".join(missing[:3]) or "none", ", ".join(unexpected[:3]) or "none"
         raise UserError(f"--pretrained {source}: not weights of this architecture "
-                        f"(missing: {', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")
+                        f"(missing: {missing_names}; unexpected: {unexpected_names})")
     loaded = {k: v for k, v in state.items() if not k.startswith(fresh) and v.shape == own[k].shape}
     model.load_state_dict(loaded, strict=False)
     return {"loaded": list(loaded), "skipped": [k for k in own if k not in loaded]}

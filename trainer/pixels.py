@@ -18,6 +18,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def normalized_range(device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, 1, 1] normalised values of pixel 0 and pixel 255: the range a valid image spans."""
+    mean = torch.tensor(NORMALIZE_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZE_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
 def box_masks(boxes: torch.Tensor, valid: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bool [B, 1, H, W], True on every pixel a valid box touches (the rule of `box_pixel_bounds`)."""
     c0 = boxes[..., 0].floor().clamp(0, width)

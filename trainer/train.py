@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cfrobust.errors import UserError
+from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import list_splits
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -80,6 +81,7 @@ def train_in(env: DistEnv, config: TrainConfig):
         env.rank,
         env.world_size,
         config.workers,
+        experiment=DataExperiment(config.seed, config.data_ratio, config.box_fraction, config.bbox_noise),
     )
     optimizer = make_optimizer(model, config)
     schedule = Schedule(optimizer, config, steps_per_epoch=len(data))
@@ -280,8 +282,10 @@ def check_config(config: TrainConfig, info: dict) -> None:
             f"{config.shards}/train: the shards carry no {config.cf!r} counterfactual (they have: {have}); "
             f"re-run `cfrobust preprocess --cf {config.cf}`"
         )
-    if config.epochs < 1 or config.batch < 1:
-        raise UserError("--epochs and --batch must be at least 1")
+    if config.epochs < 1 or config.batch < 1 or config.batch_split < 1:
+        raise UserError("--epochs, --batch and --batch-split must be at least 1")
+    if not (0 < config.data_ratio <= 1 and 0 <= config.box_fraction <= 1 and 0 <= config.bbox_noise <= 1):
+        raise UserError("--data-ratio must lie in (0, 1], --box-fraction and --bbox-noise in [0, 1]")
 
 
 def resume_point(out: Path, config: TrainConfig) -> Path | None:
