@@ -98,6 +98,10 @@ class ResNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.root(x))).flatten(1)
 
+    def grad_cam_layer(self) -> nn.Module:
+        """Grad-CAM's layer: the last spatial map (the head's 1x1 conv comes after pooling)."""
+        return self.head.relu
+
 
 def bit_s_r50x1(num_classes: int) -> ResNetV2:
     return ResNetV2(num_classes, R50_UNITS, width=1)
@@ -167,7 +171,7 @@ def load_bit_npz(model: ResNetV2, path) -> dict:
             value, target = tf_to_torch(weights[key]), params[name]
             if value.shape != target.shape:
                 raise UserError(f"--pretrained {path}: {key!r} has shape {tuple(value.shape)}, "
-                                f"expected {tuple(target.shape)}, after HWIO -> OIHW)")
+                                f"expected {tuple(target.shape)} (both after HWIO -> OIHW)")
             with torch.no_grad():
                 target.copy_(value)
             loaded.append(name)

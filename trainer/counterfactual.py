@@ -1,9 +1,9 @@
 """Counterfactual losses: on an image whose object was removed, the model must not be sure of y.
-
-Each loss takes the logits of the counterfactuals and their original labels y. The option names
-and meanings follow the official code (zzzace2000/robust_cls_model, arch/lightning/base.py,
-`counterfactual_ce_loss`).
+Each takes the counterfactuals' logits and their original labels y.
 """
+
+# Names and meanings follow the official code: zzzace2000/robust_cls_model,
+# arch/lightning/base.py, `counterfactual_ce_loss`.
 
 from __future__ import annotations
 

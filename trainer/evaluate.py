@@ -17,6 +17,7 @@ from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.schema import INFO_NAME
 from cfrobust.shards.reader import EvalShards, make_loader
 from cfrobust.trainer.checkpoint import load_checkpoint
+from cfrobust.trainer.counterfactual import output_size
 from cfrobust.trainer.derived import derived_figures
 from cfrobust.trainer.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
 from cfrobust.trainer.models import build_model
@@ -151,7 +152,7 @@ def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device=
         if missing:
             raise UserError(f"{shards}: no split {missing[0]!r} (found: {', '.join(available)})")
         num_classes = len(state["classes"])
-        outputs = num_classes * 2 if state["config"].get("cf_loss") == "channels" else num_classes
+        outputs = output_size(num_classes, state["config"].get("cf_loss", "logp"))
         model = build_model(state["config"]["arch"], outputs)
         model.load_state_dict(state["model"])
         model.to(env.device)

@@ -1,10 +1,20 @@
-"""Factual augmentation: keep the object, replace its background; the label stays y."""
+"""Factual augmentation: keep the object, replace its background; the label stays y.
+Every mode is fn(images, holes, labels, generator, model=None, config=None) -> new images.
+"""
+
+# Inputs are the normalised images of the boxed samples, holes True on their boxes; only
+# fgsm/pgd use the model and the config. Meanings follow the official code:
+# zzzace2000/robust_cls_model, arch/lightning/base.py `get_inpainting_model`,
+# arch/inpainting/Baseline.py and arch/inpainting/AdvInpainting.py.
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from cfrobust.trainer.pixels import tiled_backgrounds
+from cfrobust.trainer.fills import online_random, pixel_units, to_normalized
+from cfrobust.trainer.module_modes import evaluation_mode, unwrap
+from cfrobust.trainer.pixels import normalized_range, tiled_backgrounds
 
 
 def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -16,7 +26,7 @@ def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None 
     return (noise + 2 * differs - 4 * itself).argmax(dim=1)
 
 
-def mrand(images: torch.Tensor, holes: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+def mrand(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
     """The object on the background of an image of another class, tiled from that image's
     largest object-free band so the other object's shape does not come along (official `mrand`)."""
     partner = other_class_partner(labels, generator)
@@ -24,4 +34,78 @@ def mrand(images: torch.Tensor, holes: torch.Tensor, labels: torch.Tensor, gener
     return torch.where(holes, images, backgrounds)
 
 
-FACTUAL_MODES = {"mrand": mrand}
+def random_background(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+    """random: a per-image random colour plus noise everywhere but the object: the `random` fill
+    applied to the complement of the hole (official RandomColorWithNoiseInpainter as f_inpaint)."""
+    return online_random(images, ~holes, generator)
+
+
+def shuffled_background(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+    """shuffle: the background made of the batch's values in random order.
+
+    The official ShuffleInpainter permutes x.reshape(-1) of the whole batch it is given (the
+    boxed images): values move across pixels, channels *and* images, so no image keeps its own
+    background colours. Same here, permuted in [0, 1] pixel units because our normalisation
+    differs per channel (the official one, mean = std = 0.5, does not).
+    """
+    pixels = pixel_units(images).flatten()
+    order = torch.randperm(pixels.numel(), generator=generator, device=images.device)
+    return torch.where(holes, images, to_normalized(pixels[order].view_as(images)))
+
+
+def fgsm(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+    """fgsm: x + eps * sign(d CE / dx) outside the object, kept within the valid pixel range.
+
+    Textbook FGSM from x. (The official AdvInpainting's fgsm starts from a uniform random delta and
+    steps 1.25 eps before clipping to eps, the "fast FGSM" of Wong et al. 2020.)
+    """
+    _, grad = _loss_gradient(model, images, labels)
+    return _project(images, images + config.f_eps * grad.sign(), holes, config.f_eps)
+
+
+def pgd(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+    """pgd: random start in the eps-ball, then f_steps signed steps of f_alpha (0: eps / 4), each
+    projected back to the ball, the pixel range and the background.
+
+    As the official AdvInpainting, a sample stops moving once the model misclassifies it.
+    """
+    eps = config.f_eps
+    alpha = config.f_alpha or eps / 4
+    start = (torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1) * eps
+    adversarial = _project(images, images + start, holes, eps)
+    for _ in range(config.f_steps):
+        logits, grad = _loss_gradient(model, adversarial, labels)
+        still_right = (logits.argmax(dim=1) == labels).to(grad.dtype)[:, None, None, None]
+        adversarial = _project(images, adversarial + alpha * grad.sign() * still_right, holes, eps)
+    return adversarial
+
+
+def _loss_gradient(model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and d CE_sum / d images on a detached copy, with every module in eval mode (the
+    official attack runs under advertorch's ctx_noparamgrad_and_eval): BatchNorm uses its running
+    statistics and does not update them, and nothing joins the training graph."""
+    if model is None:
+        raise ValueError("fgsm/pgd factuals need the model")
+    bare = unwrap(model)
+    with evaluation_mode(bare), torch.enable_grad():
+        inputs = images.detach().requires_grad_(True)
+        logits = bare(inputs)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), inputs)
+    return logits.detach(), grad
+
+
+def _project(images: torch.Tensor, candidate: torch.Tensor, holes: torch.Tensor, eps: float) -> torch.Tensor:
+    """candidate pulled back into the L-inf eps-ball around images and the valid pixel range; the
+    object (holes) keeps its pixels exactly."""
+    low, high = normalized_range(images.device, images.dtype)
+    inside_ball = images + (candidate - images).clamp(-eps, eps)
+    return torch.where(holes, images, torch.maximum(torch.minimum(inside_ball, high), low)).detach()
+
+
+FACTUAL_MODES = {
+    "random": random_background,
+    "shuffle": shuffled_background,
+    "mrand": mrand,
+    "fgsm": fgsm,
+    "pgd": pgd,
+}

@@ -44,11 +44,22 @@ def online_shuffle(x: torch.Tensor, holes: torch.Tensor, generator: torch.Genera
     The permutation moves values between channels, so it happens in [0, 1] pixel units: a red
     value landing in the green channel is normalised as green, as the offline fill's would be.
     """
-    mean, std = _mean_std(x)
-    pixels = (x * std + mean).flatten(1)
+    pixels = pixel_units(x).flatten(1)
     keys = torch.rand(pixels.shape, generator=generator, device=x.device)
     shuffled = pixels.gather(1, keys.argsort(dim=1)).view_as(x)
-    return torch.where(holes, (shuffled - mean) / std, x)
+    return torch.where(holes, to_normalized(shuffled), x)
+
+
+def pixel_units(x: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to [0, 1] pixel values."""
+    mean, std = _mean_std(x)
+    return x * std + mean
+
+
+def to_normalized(pixels: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float pixel values to normalised ones (`normalize` without the / 255)."""
+    mean, std = _mean_std(pixels)
+    return (pixels - mean) / std
 
 
 def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

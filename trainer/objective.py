@@ -1,21 +1,30 @@
-"""The training loss of one batch: CE(x and x_f) + cf_coeff * CF(x_cf) + reg_coeff * Sal(x).
-
-All images of a step (originals, factuals, counterfactuals) go through the model in one forward
-pass. Samples without boxes contribute to the CE term only (plain ERM).
+"""The training loss of one batch: CE(x and x_f) + cf_coeff * CF(x_cf) + lambda * Sal(x).
+All images of a step go through the model in one forward pass; samples without boxes are ERM.
 """
+
+# Baselines combine with the method's terms: label smoothing applies to the CE of x and x_f;
+# GridMask to every image of the forward pass (as the official code, which masks inside
+# forward); mixup replaces x by its mix in the CE term only, so x_f and x_cf are built from, and
+# the saliency penalty taken on, the unmixed images (which then join the forward pass as extra
+# rows). The official code runs mixup and label smoothing only alone.
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from cfrobust.errors import UserError
 from cfrobust.shards.reader import Batch
+from cfrobust.trainer.attributions import deeplift, grad_cam
+from cfrobust.trainer.baselines import gridmask, mixup, mixup_cross_entropy
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.counterfactual import CF_LOSSES
+from cfrobust.trainer.counterfactual import CF_LOSSES, class_logits
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.pixels import box_masks, normalize
-from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES
+from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient
+
+ATTRIBUTIONS = {"deeplift": deeplift, "grad_cam": grad_cam}
 
 
 class Objective:
@@ -25,33 +34,77 @@ class Objective:
         self.cf_loss = CF_LOSSES[config.cf_loss] if config.cf != "none" else None
         self.factual = FACTUAL_MODES[config.f] if config.f != "none" else None
         self.regularizer = REGULARIZERS[config.reg] if config.reg != "none" else None
-        self.score = SALIENCY_SCORES[config.reg_grad]
+        self.score = SALIENCY_SCORES.get(config.reg_grad)
+        self.attribution = ATTRIBUTIONS.get(config.reg_grad)
+        if config.reg == "gs" and config.cf == "none":
+            raise UserError("--reg gs aligns the gradient with x - x_cf: it needs a counterfactual (--cf)")
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call at the start of each epoch (0-based): lambda ramps linearly from 0 at epoch 0 to
+        reg_coeff at epoch reg_anneal. (The official code ramps per step over a fraction of
+        training and does not stop at 1.)"""
+        anneal = self.config.reg_anneal
+        self.reg_factor = min(1.0, epoch / anneal) if anneal > 0 else 1.0
 
     def __call__(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Loss terms by name (already weighted; their sum is the loss) and the logits of x."""
+        """Loss terms by name (already weighted; their sum is the loss) and the class logits of x
+        (of the mixed x under mixup; the first K outputs under cf_loss channels)."""
+        config = self.config
         x = normalize(batch.images)
         y = batch.labels
         holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3])
         has_box = batch.box_valid.any(dim=1)
-        if self.regularizer is not None:
-            x.requires_grad_(True)
-        inputs, targets = [x], [y]
-        if self.factual is not None:
-            x_f = self.factual(x.detach(), holes, y, self.generator)
-            inputs.append(x_f[has_box])
-            targets.append(y[has_box])
+        mixed = mixup(x, y, config.mixup, self.generator) if config.mixup > 0 else None
+        if self.regularizer is not None and self.score is not None:
+            x.requires_grad_(True)  # the input gradient is taken on the unmixed images
+        rows = self._rows(model, batch, x, y, holes, has_box, mixed)
+        inputs = torch.cat(list(rows.values()))
+        if config.gridmask:
+            inputs = gridmask(inputs, self.generator)
+        logits = dict(zip(rows, model(inputs).split([len(r) for r in rows.values()])))
+
+        terms = {"ce": self._cross_entropy(logits, y, has_box, mixed)}
         if self.cf_loss is not None:
-            inputs.append(self._counterfactuals(x.detach(), holes, has_box, batch))
-        logits = model(torch.cat(inputs))
-        n_ce = sum(len(t) for t in targets)
-        terms = {"ce": F.cross_entropy(logits[:n_ce], torch.cat(targets))}
-        if self.cf_loss is not None:
-            terms["cf"] = self.config.cf_coeff * self._mean_or_zero(self.cf_loss, logits[n_ce:], y[has_box])
-        logits_x = logits[: len(y)]
+            terms["cf"] = config.cf_coeff * self._mean_or_zero(self.cf_loss, logits["cf"], y[has_box])
         if self.regularizer is not None:
-            penalty = self.regularizer(logits_x, x, y, holes, has_box, self.score)
-            terms["sal"] = self.config.reg_coeff * penalty
-        return terms, logits_x.detach()
+            grads = self._saliency(model, x, y, logits.get("x_sal", logits["x"]))
+            penalty = self.regularizer(grads, holes, has_box, inputs=x.detach(), counterfactuals=rows.get("cf"))
+            terms["sal"] = config.reg_coeff * self.reg_factor * penalty
+        return terms, class_logits(logits["x"], config.cf_loss).detach()
+
+    def _rows(self, model, batch, x, y, holes, has_box, mixed) -> dict[str, torch.Tensor]:
+        """The images of the one forward pass by role: x (or its mix), the unmixed x when mixup
+        meets an input-gradient penalty, the factuals and the counterfactuals of boxed samples."""
+        rows = {"x": x if mixed is None else mixed[0]}
+        if mixed is not None and x.requires_grad:
+            rows["x_sal"] = x
+        clean = x.detach()
+        if self.factual is not None and bool(has_box.any()):
+            rows["f"] = self.factual(
+                clean[has_box], holes[has_box], y[has_box], self.generator, model=model, config=self.config
+            )
+        if self.cf_loss is not None:
+            rows["cf"] = self._counterfactuals(clean, holes, has_box, batch)
+        return rows
+
+    def _cross_entropy(self, logits, y, has_box, mixed) -> torch.Tensor:
+        """Mean CE over the rows of x (mixup's mixed CE under mixup) and of x_f, label-smoothed."""
+        smoothing = self.config.label_smoothing
+        if mixed is None:
+            losses = [F.cross_entropy(logits["x"], y, label_smoothing=smoothing, reduction="none")]
+        else:
+            _, y_partner, lam = mixed
+            losses = [mixup_cross_entropy(logits["x"], y, y_partner, lam, smoothing)]
+        if "f" in logits:
+            losses.append(F.cross_entropy(logits["f"], y[has_box], label_smoothing=smoothing, reduction="none"))
+        return torch.cat(losses).mean()
+
+    def _saliency(self, model, x, y, logits_x) -> torch.Tensor:
+        """g: the input gradient of the score of the class logits, or a captum attribution."""
+        if self.score is not None:
+            return input_gradient(class_logits(logits_x, self.config.cf_loss), x, y, self.score)
+        return self.attribution(model, x.detach(), y)
 
     def _counterfactuals(self, x, holes, has_box, batch: Batch) -> torch.Tensor:
         """The boxed samples with their object removed: filled here (--cf-online) or read from the shards."""

@@ -32,6 +32,7 @@ from cfrobust.shards.manifest import list_splits
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.counterfactual import output_size
 from cfrobust.trainer.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.fills import ONLINE_FILLS
@@ -97,8 +98,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
     for epoch in range(state.epoch, config.epochs):
         data.set_epoch(epoch)
-        if hasattr(objective, "set_epoch"):
-            objective.set_epoch(epoch)
+        objective.set_epoch(epoch)
         save_mid_epoch = lambda: env.is_main and save_checkpoint(  # noqa: E731
             out / "checkpoints" / "last.pt", checkpoint_state(model, parts, info, state)
         )
@@ -248,8 +248,8 @@ def selection_split(splits: list[str]) -> str | None:
 def make_model(config: TrainConfig, num_classes: int, env: DistEnv):
     """The model, and the module to call in training (DDP-wrapped when distributed)."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    outputs = num_classes * 2 if config.cf_loss == "channels" else num_classes
-    model = build_model(config.arch, outputs).to(env.device)
+    outputs = output_size(num_classes, config.cf_loss)
+    model = build_model(config.arch, outputs, config.pretrained).to(env.device)
     if env.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if not env.distributed:

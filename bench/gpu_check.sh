@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The one script to run on a lent GPU machine (see the device tool): GPU benchmark of the
+# training loop, results as JSON under $OUT. Installs nothing that is not carried: webdataset
+# and captum travel as wheels in .whl/ (see README "GPU check"); torch is the machine's own.
+#   run: bash bench/gpu_check.sh            (on the GPU machine, OUT set by the tool)
+#   try: SMALL=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh   (CPU, tiny sizes: tests the script)
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Import the checkout as the cfrobust package without installing it.
+mkdir -p /tmp/cfrobust-src && ln -sfn "$PWD" /tmp/cfrobust-src/cfrobust
+export PYTHONPATH=/tmp/cfrobust-src${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/env.txt"
+if [ "${SMALL:-0}" = 1 ]; then
+  args=(--arch simple-cnn --size 32 --batch 16 --device cpu --workers 1 --steps 3 --warmup 1)
+else
+  args=(--arch resnet50 --size 224 --batch 64 --device cuda --workers 12 --steps 30 --warmup 5)
+fi
+python3 bench/train_bench.py "${args[@]}" --work /tmp/cfrobust-train-bench --json "$OUT/train_bench.json" \
+  2>&1 | tee "$OUT/train_bench.txt"
+echo "results in $OUT"

@@ -1,0 +1,31 @@
+"""Run by tests/test_train.py: 3 optimizer steps on fixed batches, either as one of 2 torchrun
+ranks (each takes its half of every batch) or as one process accumulating the two halves."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cfrobust.shards.reader import collate, iter_samples
+from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.distributed import setup_distributed, teardown_distributed
+from cfrobust.trainer.objective import Objective
+from cfrobust.trainer.optim import Schedule, make_optimizer
+from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimizer_step
+
+config = TrainConfig(**json.loads(sys.argv[1]))
+env = setup_distributed("cpu")
+samples = list(iter_samples(sorted(Path(config.shards, "train").glob("*.tar")), [config.cf]))
+size = config.batch * env.world_size  # the global batch
+batches = [collate(samples[i * size : (i + 1) * size]) for i in range(3)]
+model, wrapped = make_model(config, 2, env)
+optimizer = make_optimizer(model, config)
+parts = TrainingParts(wrapped, Objective(config), optimizer, Schedule(optimizer, config, 3), Precision("32", env.device),
+                      torch.Generator(), env, config)
+for batch in batches:
+    mine = batch.chunks(env.world_size)[env.rank]  # a single process keeps the whole batch
+    optimizer_step(parts, mine)
+torch.save({k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k},
+           f"{sys.argv[2]}/world{env.world_size}-rank{env.rank}.pt")
+teardown_distributed()
