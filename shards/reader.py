@@ -18,12 +18,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cfrobust.errors import UserError
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import read_info
+from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.shards.schema import IMAGE_EXT, META_EXT, cf_ext, decode_rgb
 
 
@@ -98,8 +98,9 @@ def shard_keys(path: Path) -> list[str]:
 
 def iter_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]:
     """Decoded samples from tar files: image, counterfactuals, label, boxes, group, key."""
-    for raw in wds.tarfile_samples([{"url": str(p)} for p in paths]):
-        yield decode_sample(raw, cf_methods)
+    for path in paths:
+        for raw in iter_tar_samples(path):
+            yield decode_sample(raw, cf_methods)
 
 
 def decode_sample(raw: dict, cf_methods: list[str]) -> dict:

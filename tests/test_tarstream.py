@@ -1,0 +1,45 @@
+"""The fast shard reader agrees with tarfile and WebDataset on every kind of member name."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from cfrobust.shards.tarstream import iter_tar_samples
+from cfrobust.shards.writer import ShardWriter
+
+MEMBERS = [("a/" + "k" * 150 + ".jpg", b"abc"), ("a/" + "k" * 150 + ".json", b"{}"), ("b.x.png", b"\x89"), ("c.jpg", b"z" * 700)]
+
+
+def parts(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_members_of_tarfile_archives_group_as_webdataset_does(tmp_path, fmt):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=fmt) as archive:
+        for name, data in MEMBERS:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    ours = list(iter_tar_samples(path))
+    theirs = list(wds.tarfile_samples([{"url": str(path)}]))
+    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == ["a/" + "k" * 150, "b", "c"]
+    assert [parts(s) for s in ours] == [parts(s) for s in theirs]
+    assert parts(ours[1]) == {"x.png": b"\x89"}  # the key ends at the first dot
+
+
+def test_our_writer_round_trips_long_keys(tmp_path):
+    writer = ShardWriter(tmp_path, "t", 10)
+    samples = [{"__key__": "k" * 120, "jpg": b"1" * 513, "json": b"{}"}, {"__key__": "s", "jpg": b""}]
+    for sample in samples:
+        writer.write(sample)
+    writer.close()
+    read = list(iter_tar_samples(tmp_path / "t-000000.tar"))
+    assert [(s["__key__"], parts(s)) for s in read] == [(s["__key__"], parts(s)) for s in samples]
+    with tarfile.open(tmp_path / "t-000000.tar") as archive:  # and any tar reader agrees
+        assert archive.getnames() == ["k" * 120 + ".jpg", "k" * 120 + ".json", "s.jpg"]
