@@ -7,7 +7,9 @@ Measured in one run on the same machine: (a) the bare step, forward + backward +
 model on one in-memory batch of the same shape, repeated; (b) the full loop on built-in-dataset
 shards (DataLoader workers decoding JPEGs, device-side normalisation and masks, the objective,
 the step) for ERM and for each added term. Prints images/s, loop/bare for ERM, and each term's
-cost relative to the ERM loop. --json writes the figures for bench/gpu_check.sh.
+cost relative to the ERM loop. Each figure is the best of --repeats runs, the bare step re-timed
+before every loop run, because this machine is noisy. --json writes the figures for
+bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--terms", default=",".join(TERMS))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfrobust-train-bench")
     parser.add_argument("--json", type=Path)
@@ -118,13 +121,18 @@ def main() -> None:
     samples = args.batch * (args.steps + args.warmup) * 2
     shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch))
     base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
-    bare = bare_step(TrainConfig(**base), env, args.size, args.steps, args.warmup)
+    bare = 0.0
+    loops: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name in args.terms.split(","):
+            bare = max(bare, bare_step(TrainConfig(**base), env, args.size, args.steps, args.warmup))
+            loops[name] = max(loops.get(name, 0.0), loop(TrainConfig(**base, **TERMS[name]), env, args.steps, args.warmup))
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "arch": args.arch, "size": args.size, "batch": args.batch, "bare_images_per_s": bare, "loop": {}}
-    print(f"{args.arch} at {args.size} px, batch {args.batch}, {results['device']}, {args.workers} loader worker(s)")
+    print(f"{args.arch} at {args.size} px, batch {args.batch}, {results['device']}, {args.workers} loader worker(s), "
+          f"best of {args.repeats}")
     print(f"{'bare model step (in-memory batch)':40s} {bare:8.1f} images/s")
-    for name in args.terms.split(","):
-        speed = loop(TrainConfig(**base, **TERMS[name]), env, args.steps, args.warmup)
+    for name, speed in loops.items():
         results["loop"][name] = speed
         erm = results["loop"].get("erm")
         note = f"{speed / bare:.2f}x the bare step" if name == "erm" else (
