@@ -120,11 +120,12 @@ def test_torchrun_two_processes_end_with_identical_weights(tiny_shards, tmp_path
     config = tiny_config(tiny_shards, tmp_path / "run", epochs=2, batch=8, workers=1, cf="tile", f="mrand", reg="bbox_o")
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
          json.dumps(config.to_dict()), str(tmp_path)],
-        check=True, env=env, capture_output=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300,
     )
+    assert run.returncode == 0, run.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["state"].keys() == rank1["state"].keys()
     for name, tensor in rank0["state"].items():

@@ -69,7 +69,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)
     out = Path(config.out)
-    checkpoint = resume_point(out, config)
+    checkpoint = resume_point(out, config, check_existing=env.is_main)
     if env.is_main:
         prepare_run_folder(out, config, resuming=checkpoint is not None)
     num_classes = len(info["classes"])
@@ -288,13 +288,14 @@ def check_config(config: TrainConfig, info: dict) -> None:
         raise UserError("--data-ratio must lie in (0, 1], --box-fraction and --bbox-noise in [0, 1]")
 
 
-def resume_point(out: Path, config: TrainConfig) -> Path | None:
+def resume_point(out: Path, config: TrainConfig, check_existing: bool = True) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run (also with --resume and no
-    checkpoint yet, so `torchrun --max-restarts` can always pass --resume)."""
+    checkpoint yet, so `torchrun --max-restarts` can always pass --resume). Only rank 0 checks
+    for an earlier run: the others may already see the folder rank 0 just made."""
     last = out / "checkpoints" / "last.pt"
     if config.resume and last.is_file():
         return last
-    if out.exists() and any(out.iterdir()) and not (config.resume or config.overwrite):
+    if check_existing and out.exists() and any(out.iterdir()) and not (config.resume or config.overwrite):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --out")
     return None
 
