@@ -18,7 +18,7 @@ from cfrobust.datasets.waterbirds import WaterbirdsDataset, group_of
 from cfrobust.errors import UserError
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.reader import iter_samples
-from cfrobust.shards.schema import decode_gray, decode_rgb
+from cfrobust.shards.schema import decode_gray
 
 WIDTH, HEIGHT, SIZE = 24, 16, 16
 HEADER = "img_id,img_filename,y,split,place,place_filename"

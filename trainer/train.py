@@ -96,12 +96,14 @@ def train_in(env: DistEnv, config: TrainConfig):
         state, best_weights = restore(checkpoint, model, parts)
     select_on = selection_split(splits)
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
+
+    def save_mid_epoch() -> None:  # --save-every: rank 0 records where the epoch stands
+        if env.is_main:
+            save_checkpoint(out / "checkpoints" / "last.pt", checkpoint_state(model, parts, info, state))
+
     for epoch in range(state.epoch, config.epochs):
         data.set_epoch(epoch)
         objective.set_epoch(epoch)
-        save_mid_epoch = lambda: env.is_main and save_checkpoint(  # noqa: E731
-            out / "checkpoints" / "last.pt", checkpoint_state(model, parts, info, state)
-        )
         stats = train_one_epoch(parts, loader, state, epoch, save_mid_epoch)
         sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; keep rank 0's
         record = {"epoch": epoch + 1, "step": state.step, **stats}
