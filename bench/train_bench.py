@@ -27,7 +27,7 @@ from cfrobust.datasets import open_dataset
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.reader import TrainShards, make_loader
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.distributed import DistEnv
+from cfrobust.distributed import DistEnv
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimizer_step

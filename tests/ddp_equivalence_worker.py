@@ -9,7 +9,7 @@ import torch
 
 from cfrobust.shards.reader import collate, iter_samples
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.distributed import setup_distributed, teardown_distributed
+from cfrobust.distributed import setup_distributed, teardown_distributed
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimizer_step

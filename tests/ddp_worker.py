@@ -6,7 +6,7 @@ import sys
 import torch
 
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.distributed import setup_distributed, teardown_distributed
+from cfrobust.distributed import setup_distributed, teardown_distributed
 from cfrobust.trainer.train import train_in
 
 config = TrainConfig(**json.loads(sys.argv[1]))

@@ -19,7 +19,7 @@ from cfrobust.errors import UserError
 from cfrobust.shards.reader import Batch
 from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.distributed import DistEnv
+from cfrobust.distributed import DistEnv
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.train import Precision, TrainingParts, optimizer_step, train

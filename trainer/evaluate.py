@@ -19,7 +19,7 @@ from cfrobust.shards.reader import EvalShards, make_loader
 from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.counterfactual import output_size
 from cfrobust.trainer.derived import derived_figures
-from cfrobust.trainer.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
+from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.pixels import normalize
 

@@ -33,7 +33,7 @@ from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import output_size
-from cfrobust.trainer.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
+from cfrobust.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model
