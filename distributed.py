@@ -54,8 +54,20 @@ def setup_distributed(device_option: str = "auto") -> DistEnv:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def init_process_group(backend: str) -> None:
+    """init_process_group on torchrun's store, under a prefix per restart.
+
+    After `torchrun --max-restarts` restarts the workers, the store still holds the addresses
+    the previous attempt's ranks published; a rank that read one of those would try to connect
+    to a dead process. Keys under `restart-<n>/` belong to this attempt alone.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"restart-{restart}", store), rank=rank, world_size=world_size)
 
 
 def teardown_distributed() -> None:

@@ -156,3 +156,36 @@ def test_two_processes_and_one_with_the_same_global_batch_reach_the_same_weights
     torch.manual_seed(0)  # as make_model does for seed 0
     initial = build_model("simple-cnn", 2).state_dict()
     assert not torch.allclose(single["0.weight"], initial["0.weight"])  # the steps did move the weights
+
+
+def test_torchrun_max_restarts_resumes_a_killed_rank_to_the_same_weights(tiny_shards, tmp_path):
+    """Rank 1 is SIGKILLed in the middle of epoch 2; torchrun restarts both ranks, which --resume
+    from the last mid-epoch checkpoint and end where an uninterrupted run ends."""
+    worker = Path(__file__).with_name("crash_once_train.py")
+    args = ["--shards", str(tiny_shards), "--arch", "simple-cnn", "--epochs", "2", "--batch", "8", "--workers", "1",
+            "--device", "cpu", "--cf", "tile", "--reg", "bbox_o", "--lr", "0.05", "--save-every", "2", "--resume"]
+    marker = tmp_path / "crashed"
+
+    def torchrun(out: Path, crash_at: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CRASH_AT_STEP": str(crash_at), "CRASH_MARKER": str(marker),
+               "STEP_LOG": str(out) + ".steps"}
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+             str(worker), *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-4000:]
+
+    torchrun(tmp_path / "clean", crash_at=0)
+    assert not marker.exists()
+    torchrun(tmp_path / "killed", crash_at=9)  # 6 steps per epoch per rank: step 9 is inside epoch 2
+    assert marker.exists()
+    clean, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("clean", "killed"))
+    assert resumed["step"] == clean["step"] == 12
+    for name, tensor in clean["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    # The restarted ranks took only the steps after the last checkpoint (saved every 2 steps).
+    finished = sorted(line.split() for line in (tmp_path / "killed.steps").read_text().splitlines())
+    assert [(restart, rank) for restart, rank, _ in finished] == [("1", "0"), ("1", "1")]
+    assert all(int(steps) in (4, 6) for _, _, steps in finished), finished
