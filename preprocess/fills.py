@@ -15,7 +15,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from cfrobust.shards.schema import MEAN_RGB_UINT8, boxes_to_mask
+from cfrobust.shards.schema import MEAN_RGB_UINT8, box_pixel_bounds, boxes_to_mask
 
 Fill = Callable[..., np.ndarray]  # fill(image, boxes, rng=None) -> image
 
@@ -36,7 +36,23 @@ def record_rng(key: str, method: str) -> np.random.Generator:
 def fill_mean(image: np.ndarray, boxes: list, rng: np.random.Generator | None = None) -> np.ndarray:
     """The normalisation mean colour (0 in the model's input space, up to uint8 rounding)."""
     out = image.copy()
-    out[boxes_to_mask(boxes, image.shape[1], image.shape[0])] = MEAN_RGB_UINT8
+    for rows, cols in box_slices(boxes, image.shape[1], image.shape[0]):
+        out[rows, cols] = MEAN_RGB_UINT8
+    return out
+
+
+def box_slices(boxes: list, width: int, height: int) -> list[tuple[slice, slice]]:
+    """(rows, cols) of the pixels each box touches. Filling box by box with slices is several
+    times faster than a boolean hole mask on small images; overlapping boxes just refill."""
+    bounds = [box_pixel_bounds(box, width, height) for box in boxes]
+    return [(slice(r0, r1), slice(c0, c1)) for c0, r0, c1, r1 in bounds if c1 > c0 and r1 > r0]
+
+
+def paste(image: np.ndarray, boxes: list, source: np.ndarray) -> np.ndarray:
+    """A copy of `image` whose hole is taken from `source` (same shape)."""
+    out = image.copy()
+    for rows, cols in box_slices(boxes, image.shape[1], image.shape[0]):
+        out[rows, cols] = source[rows, cols]
     return out
 
 
@@ -47,11 +63,9 @@ def fill_tile(image: np.ndarray, boxes: list, rng: np.random.Generator | None = 
     When the boxes touch every row and every column there is no band; the hole then takes
     the mean colour of the pixels outside it (or the `mean` fill if nothing is outside).
     """
-    hole = boxes_to_mask(boxes, image.shape[1], image.shape[0])
-    out = image.copy()
-    if hole.any():
-        out[hole] = tiled_background(image, hole)[hole]
-    return out
+    if not box_slices(boxes, image.shape[1], image.shape[0]):
+        return image.copy()
+    return paste(image, boxes, tiled_background(image, boxes_to_mask(boxes, image.shape[1], image.shape[0])))
 
 
 def longest_run(free: np.ndarray) -> tuple[int, int]:
@@ -84,11 +98,11 @@ def fill_random(image: np.ndarray, boxes: list, rng: np.random.Generator | None 
     """One random colour per image (uniform per channel) plus Gaussian noise per pixel, as the
     official `random` inpainter (see RANDOM_NOISE_STD)."""
     rng = rng if rng is not None else np.random.default_rng()
-    hole = boxes_to_mask(boxes, image.shape[1], image.shape[0])
     colour = rng.uniform(0, 255, size=3)
-    noisy = colour + rng.normal(0, RANDOM_NOISE_STD, size=(int(hole.sum()), 3))
     out = image.copy()
-    out[hole] = np.clip(noisy, 0, 255).round().astype(np.uint8)
+    for rows, cols in box_slices(boxes, image.shape[1], image.shape[0]):
+        shape = (rows.stop - rows.start, cols.stop - cols.start, 3)
+        out[rows, cols] = np.clip(colour + rng.normal(0, RANDOM_NOISE_STD, size=shape), 0, 255).round()
     return out
 
 
@@ -98,13 +112,13 @@ def fill_shuffle(image: np.ndarray, boxes: list, rng: np.random.Generator | None
     The official ShuffleInpainter (robust_cls_model, arch/inpainting/Baseline.py) permutes every
     value of its input ("including channels"), object included, and pastes the result into the
     hole; it permutes across the whole batch, which an offline fill cannot see, so here each
-    image is permuted on its own.
+    image is permuted on its own. Only the hole's values of that permutation are drawn (a
+    random selection without replacement has the same distribution, at a fraction of the cost).
     """
     rng = rng if rng is not None else np.random.default_rng()
     hole = boxes_to_mask(boxes, image.shape[1], image.shape[0])
-    shuffled = rng.permutation(image.reshape(-1)).reshape(image.shape)
     out = image.copy()
-    out[hole] = shuffled[hole]
+    out[hole] = rng.choice(image.reshape(-1), size=int(hole.sum()) * 3, replace=False).reshape(-1, 3)
     return out
 
 
@@ -128,6 +142,8 @@ def opencv_inpaint(image: np.ndarray, boxes: list, flag: int) -> np.ndarray:
     out[hole] = inpainted[hole]  # cv2 leaves the rest alone; copying only the hole guarantees it
     return out
 
+
+RANDOM_FILLS = frozenset({"random", "shuffle"})  # the fills that draw from their rng
 
 FILLS: dict[str, Fill] = {
     "mean": fill_mean,
