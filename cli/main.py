@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": ("cfrobust.cli.demo", "demo"),
     "fetch": ("cfrobust.cli.fetch", "fetch"),
     "shards": ("cfrobust.cli.shards", "shards"),
+    "report": ("cfrobust.cli.report", "report"),
 }
 
 
@@ -50,6 +51,7 @@ def cli() -> None:
       cfrobust demo         the whole flow on the built-in dataset, CPU-sized
       cfrobust fetch        download Waterbirds, ImageNet-9 or Caltech Camera Traps
       cfrobust shards       verify shards against their manifest; merge multi-machine output
+      cfrobust report       seed-averaged tables over run folders
     """
 
 

@@ -1,4 +1,5 @@
-"""Evaluation figures against hand computations."""
+"""`cfrobust eval` end to end on tiny shards (OOD, saliency focus, gathering) and the derived
+headline figures. The metric functions themselves are tested in test_metrics.py."""
 
 from __future__ import annotations
 
@@ -8,54 +9,6 @@ import numpy as np
 import pytest
 
 from cfrobust.trainer.derived import derived_figures, weighted_mean_accuracy
-from cfrobust.trainer.evaluate import auroc, binary_auroc, expected_calibration_error, split_metrics
-
-
-def test_binary_auroc_counts_ties_as_half():
-    scores = np.array([0.9, 0.4, 0.4, 0.1])
-    positive = np.array([True, True, False, False])
-    # Pairs (pos, neg): (0.9,0.4)=1, (0.9,0.1)=1, (0.4,0.4)=0.5, (0.4,0.1)=1 -> 3.5 / 4
-    assert binary_auroc(scores, positive) == pytest.approx(0.875)
-    assert binary_auroc(scores, np.array([True] * 4)) is None
-
-
-def test_multiclass_auroc_is_the_mean_over_classes_present():
-    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1]])
-    labels = np.array([0, 1, 1, 0])  # class 2 absent: no positives, skipped
-    expected = (binary_auroc(probs[:, 0], labels == 0) + binary_auroc(probs[:, 1], labels == 1)) / 2
-    assert auroc(probs, labels) == pytest.approx(expected)
-    assert binary_auroc(probs[:, 0], labels == 0) == 1.0
-
-
-def test_ece_by_hand():
-    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.35, 0.65], [0.45, 0.55]])
-    labels = np.array([0, 1, 1, 0])
-    # Bin (0.9, 1.0]: 2 samples, confidence 0.95, accuracy 0.5; bin (0.6, 0.7]: 1 sample, conf 0.65,
-    # acc 1; bin (0.5, 0.6]: 1 sample, conf 0.55, acc 0.
-    expected = 0.5 * 0.45 + 0.25 * 0.35 + 0.25 * 0.55
-    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
-
-
-def test_split_metrics_groups_and_worst_group():
-    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]))
-    labels = np.array([0, 1, 1, 1, 0])
-    groups = ["a", "a", "b", "b", "c"]
-    m = split_metrics(logits, labels, groups)
-    assert m["n"] == 5
-    assert m["accuracy"] == pytest.approx(4 / 5)  # the tie (0.5, 0.5) predicts class 0
-    assert m["groups"] == {"a": {"n": 2, "accuracy": 1.0}, "b": {"n": 2, "accuracy": 0.5}, "c": {"n": 1, "accuracy": 1.0}}
-    assert m["worst_group_accuracy"] == 0.5
-    assert m["mean_group_accuracy"] == pytest.approx(2.5 / 3)
-    expected_loss = -np.mean(np.log([0.9, 0.8, 0.4, 0.7, 0.5]))
-    assert m["loss"] == pytest.approx(expected_loss, rel=1e-6)
-
-
-def test_all_correct_and_all_wrong():
-    logits = np.array([[2.0, 0.0], [0.0, 2.0]])
-    right = split_metrics(logits, np.array([0, 1]), ["g", "g"])
-    wrong = split_metrics(logits, np.array([1, 0]), ["g", "h"])
-    assert right["accuracy"] == 1.0 and right["worst_group_accuracy"] == 1.0 and right["auroc"] == 1.0
-    assert wrong["accuracy"] == 0.0 and wrong["worst_group_accuracy"] == 0.0 and wrong["auroc"] == 0.0
 
 
 def _split(groups: dict) -> dict:
@@ -93,3 +46,155 @@ def test_gaps_need_both_splits():
     cct = {"cis_test": {"n": 3, "accuracy": 0.8}, "trans_test": {"n": 3, "accuracy": 0.5}}
     assert derived_figures(cct, {"group_counts": {}}) == {"cis_trans_gap": pytest.approx(0.3)}
     assert math.isclose(derived_figures(cct, None)["cis_trans_gap"], 0.3)
+
+
+# --- `cfrobust eval` end to end ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained simple-cnn on the tiny shards' two classes, saved as `cfrobust train` does."""
+    import torch
+
+    from cfrobust.trainer.checkpoint import save_checkpoint
+    from cfrobust.trainer.config import TrainConfig
+    from cfrobust.trainer.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    model = build_model("simple-cnn", 2)
+    save_checkpoint(path, {"model": model.state_dict(), "config": TrainConfig(arch="simple-cnn").to_dict(), "classes": ["disk", "ring"]})
+    return path
+
+
+def run_eval(tiny_shards, checkpoint, out, *options):
+    from click.testing import CliRunner
+
+    from cfrobust.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoint), "--shards", str(tiny_shards), "--out", str(out), *options])
+    return result
+
+
+def samples_with_boxes(split_dir) -> int:
+    from cfrobust.shards.reader import EvalShards
+
+    return sum(int(b.box_valid.any(dim=1).sum()) for b in EvalShards(split_dir, 16).iter_worker(0, 1))
+
+
+def test_eval_cli_scores_noise_images_and_saliency_focus(tiny_shards, checkpoint, tmp_path):
+    import json
+
+    import torch
+
+    from cfrobust.distributed import DistEnv
+    from cfrobust.trainer.checkpoint import load_checkpoint
+    from cfrobust.trainer.evaluate import model_outputs, predict
+    from cfrobust.trainer.metrics import anomaly_scores, ood_detection
+    from cfrobust.trainer.models import build_model
+    from cfrobust.trainer.ood import noise_scores
+
+    out = tmp_path / "eval.json"
+    result = run_eval(tiny_shards, checkpoint, out, "--splits", "val,test", "--ood", "gaussian,uniform", "--ood-samples", "40", "--saliency-focus", "--batch", "32")
+    assert result.exit_code == 0, result.output
+    assert "gaussian: FPR@95TPR" in result.output and "saliency-focus" in result.output
+    document = json.loads(out.read_text())
+    assert document["dataset"] == "synthetic" and document["ood_seed"] == 0
+    assert list(document["splits"]) == ["val", "test"]
+
+    model = build_model("simple-cnn", 2)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model.eval()
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    assert all(document["splits"][s]["ood"]["uniform"]["n"] == 40 for s in ("val", "test"))
+    for split in ("test",):
+        figures = document["splits"][split]
+        assert figures["n"] == 32 and 0 <= figures["aupr"] <= 1
+        # Recomputed apart, with another batch size: the same focus and OOD figures.
+        pred = predict(model, tiny_shards / split, env, batch_size=12, num_classes=2, focus=True)
+        assert figures["saliency_focus"] == pytest.approx(float(np.nanmean(pred["focus"])), rel=1e-5)
+        assert figures["saliency_focus_n"] == samples_with_boxes(tiny_shards / split) > 0
+        assert 0 < figures["saliency_focus"] < 1
+        for kind in ("gaussian", "uniform"):
+            noise = noise_scores(lambda x: anomaly_scores(model_outputs(model, x, env).detach().numpy(), 2), kind, 40, 32, 0, env)
+            expected = ood_detection(pred["anomaly"], noise)
+            assert figures["ood"][kind]["n"] == 40
+            for name in ("fpr_at_95_tpr", "auroc", "aupr"):
+                assert figures["ood"][kind][name] == pytest.approx(expected[name], abs=1e-6)
+
+
+def test_eval_takes_as_many_noise_images_as_the_split_by_default(tiny_shards, checkpoint, tmp_path):
+    import json
+
+    out = tmp_path / "eval.json"
+    result = run_eval(tiny_shards, checkpoint, out, "--splits", "test", "--ood", "uniform")
+    assert result.exit_code == 0, result.output
+    test = json.loads(out.read_text())["splits"]["test"]
+    assert test["ood"]["uniform"]["n"] == test["n"] == 32
+    assert "saliency_focus" not in test and "gaussian" not in test["ood"]
+
+
+def test_an_unknown_noise_kind_is_a_one_line_error(tiny_shards, checkpoint, tmp_path):
+    result = run_eval(tiny_shards, checkpoint, tmp_path / "e.json", "--ood", "gaussian,pink")
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == "Error: --ood 'pink': unknown noise kind (choose from gaussian, uniform)"
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_two_ranks_gather_the_figures_of_one_process(tiny_shards, checkpoint, monkeypatch):
+    """Each rank reads half the shards and half the noise chunks; after gathering, both ranks'
+    figures equal a single process's. The two ranks are threads sharing an in-memory all-gather."""
+    import copy
+    import threading
+
+    import torch
+
+    from cfrobust.distributed import DistEnv
+    from cfrobust.trainer import evaluate, ood
+    from cfrobust.trainer.checkpoint import load_checkpoint
+    from cfrobust.trainer.models import build_model
+
+    model = build_model("simple-cnn", 2)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+
+    def figures(rank, world_size):
+        env = DistEnv(rank, world_size, rank, torch.device("cpu"))
+        options = dict(ood=["gaussian"], ood_samples=70, saliency_focus=True)
+        return evaluate.evaluate_splits(copy.deepcopy(model), tiny_shards, ["val"], env, 8, 0, 2, **options)
+
+    alone = figures(0, 1)
+    slots, sizes, barrier = [None, None], [], threading.Barrier(2, timeout=60)
+
+    def all_gather(obj, env):
+        slots[env.rank] = obj
+        barrier.wait()
+        gathered = list(slots)
+        sizes.append(len(obj["keys"]) if isinstance(obj, dict) and "keys" in obj else None)
+        barrier.wait()  # nobody refills a slot before both have read
+        return gathered
+
+    for module in (evaluate, ood):
+        monkeypatch.setattr(module, "gather_objects", all_gather)
+    results, errors = {}, []
+
+    def rank_main(rank):
+        try:
+            results[rank] = figures(rank, 2)
+        except Exception as exc:  # surfaced below; a dead thread would leave the other waiting
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert 16 in sizes  # each rank read one of the split's two 16-sample shards
+    for rank in (0, 1):
+        for split in ("val",):
+            a, b = alone[split], results[rank][split]
+            assert a["groups"] == b["groups"] and a["saliency_focus_n"] == b["saliency_focus_n"]
+            for name in ("n", "accuracy", "loss", "ece", "auroc", "aupr", "saliency_focus"):
+                assert b[name] == pytest.approx(a[name], rel=1e-6), name
+            assert b["ood"]["gaussian"] == pytest.approx(a["ood"]["gaussian"])

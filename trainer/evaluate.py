@@ -1,7 +1,8 @@
 """Score a model on shard splits and write `eval.json` (schema cfrobust.eval/1, DESIGN §6).
 
-Each split is read exactly once across all ranks and loader workers; predictions are gathered
-so every rank computes the same figures (rank 0 writes them).
+Each split is read exactly once across all ranks and loader workers; per-sample results are
+gathered so every rank computes the same figures (rank 0 writes them). The figures themselves
+are pure functions in metrics.py; OOD noise images come from ood.py, saliency focus from focus.py.
 """
 
 from __future__ import annotations
@@ -12,137 +13,130 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
 from cfrobust.errors import UserError
 from cfrobust.shards.manifest import list_splits, read_info
-from cfrobust.shards.schema import INFO_NAME
 from cfrobust.shards.reader import EvalShards, make_loader
+from cfrobust.shards.schema import INFO_NAME
 from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.counterfactual import output_size
 from cfrobust.trainer.derived import derived_figures
-from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
+from cfrobust.trainer.focus import batch_saliency_focus
+from cfrobust.trainer.metrics import anomaly_scores, mean_of_finite, ood_detection, split_metrics
 from cfrobust.trainer.models import build_model
+from cfrobust.trainer.ood import check_noise_kinds, noise_scores
 from cfrobust.trainer.pixels import normalize
 
 EVAL_SCHEMA = "cfrobust.eval/1"
-ECE_BINS = 10
+PER_SAMPLE = ("logits", "anomaly", "labels", "focus")  # arrays predict() gathers, besides groups and keys
+
+
+def model_outputs(model, images: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """All outputs (float32) of the model on a uint8 batch, normalised on the device."""
+    images = normalize(images.to(env.device))
+    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
+        return model(images).float()
 
 
 @torch.no_grad()
-def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None) -> dict:
-    """Logits, labels and groups of every sample of a split (gathered from all ranks). Only the
-    first `num_classes` outputs count (the `channels` CF loss adds K background outputs)."""
+def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None, focus: bool = False) -> dict:
+    """Per-sample logits, anomaly scores (metrics.anomaly_scores), labels, groups, keys and, with
+    `focus`, saliency focus (NaN where undefined) of a split, gathered from all ranks. Only the
+    first `num_classes` outputs are logits (the `channels` CF loss adds K background outputs)."""
     was_training = model.training
     model.eval()
-    logits, labels, groups, keys = [], [], [], []
-    for batch in make_loader(EvalShards(split_dir, batch_size, env.rank, env.world_size), workers):
-        images = normalize(batch.images.to(env.device))
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.device.type == "cuda"):
-            out = model(images)
-        logits.append(out[:, :num_classes].float().cpu())
-        labels.append(batch.labels)
-        groups += batch.groups
-        keys += batch.keys
-    model.train(was_training)
-    part = {
-        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 0), np.float32),
-        "labels": torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
-        "groups": groups,
-        "keys": keys,
+    part: dict = {name: [] for name in PER_SAMPLE + ("groups", "keys")}
+    try:
+        for batch in make_loader(EvalShards(split_dir, batch_size, env.rank, env.world_size), workers):
+            part["labels"].append(batch.labels.numpy())
+            batch = batch.to(env.device)
+            outputs = model_outputs(model, batch.images, env).cpu().numpy()
+            part["logits"].append(outputs[:, :num_classes])
+            part["anomaly"].append(anomaly_scores(outputs, num_classes or outputs.shape[1]))
+            if focus:
+                images = normalize(batch.images)
+                part["focus"].append(batch_saliency_focus(model, images, batch.labels, batch.boxes, batch.box_valid))
+            part["groups"] += batch.groups
+            part["keys"] += batch.keys
+    finally:
+        model.train(was_training)
+    mine = {name: np.concatenate(part[name]) if part[name] else None for name in PER_SAMPLE}
+    mine.update(groups=part["groups"], keys=part["keys"])
+    return merge_parts([p for p in gather_objects(mine, env) if p["keys"]])
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """One prediction from the ranks' parts (in rank order); empty arrays when no rank read a sample."""
+    merged = {
+        name: np.concatenate([p[name] for p in parts]) if parts and parts[0][name] is not None else np.zeros(0)
+        for name in PER_SAMPLE
     }
-    parts = [p for p in gather_objects(part, env) if len(p["labels"])]
     if not parts:
-        return {"logits": np.zeros((0, 0), np.float32), "labels": np.zeros(0, np.int64), "groups": [], "keys": []}
-    return {
-        "logits": np.concatenate([p["logits"] for p in parts]),
-        "labels": np.concatenate([p["labels"] for p in parts]),
-        "groups": [g for p in parts for g in p["groups"]],
-        "keys": [k for p in parts for k in p["keys"]],
-    }
+        merged["labels"] = np.zeros(0, np.int64)
+    merged["groups"] = [g for p in parts for g in p["groups"]]
+    merged["keys"] = [k for p in parts for k in p["keys"]]
+    return merged
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Sum over equal-width confidence bins of |accuracy - confidence| weighted by bin share."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
-
-
-def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores))
-    # Average rank within runs of equal scores.
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for start, count in zip(first, counts):
-        ranks[order[start : start + count]] = start + (count + 1) / 2
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
-    """Binary AUROC of class 1 for two classes, else the macro one-vs-rest mean over the
-    classes present with both positives and negatives; None when undefined."""
-    if probs.shape[1] == 2:
-        return binary_auroc(probs[:, 1], labels == 1)
-    values = [binary_auroc(probs[:, k], labels == k) for k in range(probs.shape[1])]
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def split_metrics(logits: np.ndarray, labels: np.ndarray, groups: list[str]) -> dict:
-    probs = softmax(logits)
-    correct = probs.argmax(axis=1) == labels
-    group_names = sorted(set(groups))
-    group_array = np.array(groups)
-    per_group = {
-        g: {"n": int((group_array == g).sum()), "accuracy": float(correct[group_array == g].mean())}
-        for g in group_names
-    }
-    group_accuracies = [v["accuracy"] for v in per_group.values()]
-    return {
-        "n": int(len(labels)),
-        "accuracy": float(correct.mean()),
-        "loss": cross_entropy(logits, labels),
-        "ece": expected_calibration_error(probs, labels),
-        "auroc": auroc(probs, labels),
-        "groups": per_group,
-        "worst_group_accuracy": float(min(group_accuracies)),
-        "mean_group_accuracy": float(np.mean(group_accuracies)),
-    }
-
-
-def evaluate_splits(model, shards_root, splits, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None):
+def evaluate_splits(
+    model, shards_root, splits, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None,
+    *, ood=(), ood_samples: int | None = None, ood_seed: int = 0, saliency_focus: bool = False,
+) -> dict:
+    """{split: figures} for each split. `ood`: noise kinds (ood.NOISE_KINDS) to score against
+    every split as in-distribution, `ood_samples` images each (default: as many as the split);
+    `saliency_focus`: add the mean saliency focus of the split's samples with boxes."""
+    kinds = check_noise_kinds(list(ood))
+    predictions = {s: predict(model, Path(shards_root) / s, env, batch_size, workers, num_classes, saliency_focus) for s in splits}
     results = {}
-    for split in splits:
-        pred = predict(model, Path(shards_root) / split, env, batch_size, workers, num_classes)
-        empty = len(pred["labels"]) == 0
-        results[split] = {"n": 0} if empty else split_metrics(pred["logits"], pred["labels"], pred["groups"])
+    for split, pred in predictions.items():
+        if len(pred["labels"]) == 0:
+            results[split] = {"n": 0}
+            continue
+        results[split] = split_metrics(pred["logits"], pred["labels"], pred["groups"])
+        if saliency_focus:
+            focus, counted = mean_of_finite(pred["focus"])
+            results[split].update(saliency_focus=focus, saliency_focus_n=counted)
+    if kinds:
+        add_ood_figures(results, predictions, model, shards_root, env, num_classes, kinds, ood_samples, ood_seed)
     return results
 
 
-def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device="auto", workers=0) -> dict:
+def add_ood_figures(results, predictions, model, shards_root, env, num_classes, kinds, ood_samples, ood_seed) -> None:
+    """results[split]["ood"][kind] = ood_detection(split's anomaly scores, noise scores).
+
+    Each kind's noise is scored once per image size, as many images as the largest split needs;
+    a split uses the first n of them (the same images whatever the split)."""
+    need: dict[int, int] = {}  # image size -> noise images needed
+    for split, pred in predictions.items():
+        if len(pred["labels"]):
+            size = read_info(Path(shards_root) / split)["size"]
+            need[size] = max(need.get(size, 0), ood_samples or len(pred["labels"]))
+
+    def score(images: torch.Tensor) -> np.ndarray:
+        outputs = model_outputs(model, images, env)
+        return anomaly_scores(outputs.cpu().numpy(), num_classes or outputs.shape[1])
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            noise = {(k, s): noise_scores(score, k, n, s, ood_seed, env) for k in kinds for s, n in need.items()}
+    finally:
+        model.train(was_training)
+    for split, pred in predictions.items():
+        if len(pred["labels"]):
+            size, count = read_info(Path(shards_root) / split)["size"], ood_samples or len(pred["labels"])
+            results[split]["ood"] = {k: ood_detection(pred["anomaly"], noise[k, size][:count]) for k in kinds}
+
+
+def evaluate_checkpoint(
+    checkpoint, shards, splits, out, batch_size=256, device="auto", workers=0,
+    *, ood=(), ood_samples=None, ood_seed=0, saliency_focus=False,
+) -> dict:
     """`cfrobust eval`: score a saved checkpoint on shard splits and write the eval JSON."""
+    check_noise_kinds(list(ood))  # before any work
+    if ood_samples is not None and ood_samples < 1:
+        raise UserError(f"--ood-samples must be at least 1, got {ood_samples}")
     env = setup_distributed(device)
     try:
         state = load_checkpoint(checkpoint, map_location="cpu")
@@ -156,8 +150,13 @@ def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device=
         model = build_model(state["config"]["arch"], outputs)
         model.load_state_dict(state["model"])
         model.to(env.device)
-        results = evaluate_splits(model, shards, splits, env, batch_size, workers, num_classes)
+        results = evaluate_splits(
+            model, shards, splits, env, batch_size, workers, num_classes,
+            ood=ood, ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,
+        )
         document = eval_document(checkpoint, state["config"], results, shards)
+        if ood:
+            document["ood_seed"] = ood_seed
         if env.is_main:
             write_json(out, document)
         return document
@@ -166,16 +165,21 @@ def evaluate_checkpoint(checkpoint, shards, splits, out, batch_size=256, device=
 
 
 def eval_document(checkpoint, config: dict, splits: dict, shards_root) -> dict:
-    """The eval JSON: per-split figures plus the dataset's headline figures (see derived.py)."""
+    """The eval JSON: per-split figures plus the dataset's headline figures (see derived.py).
+    `dataset` names the source the shards were made from (their manifest), when known."""
     train_dir = Path(shards_root) / "train"
     train_info = read_info(train_dir) if (train_dir / INFO_NAME).is_file() else None
-    return {
+    document = {
         "schema": EVAL_SCHEMA,
         "checkpoint": str(checkpoint),
         "config": config,
         "splits": splits,
         "derived": derived_figures(splits, train_info),
     }
+    dataset = ((train_info or {}).get("source") or {}).get("dataset")
+    if dataset:
+        document["dataset"] = dataset
+    return document
 
 
 def write_json(path: Path, document: dict) -> None:
