@@ -9,6 +9,7 @@ import click
 
 from cfrobust.cli.options import comma_list
 from cfrobust.datasets import DATASET_NAMES
+from cfrobust.errors import UserError
 
 SHOWN_PROBLEMS = 10  # skipped records printed per split; all of them are in _info.json
 
@@ -34,7 +35,10 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True, help="Source format (see README).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Shard root to create (OUT/<split>/).")
 @click.option("--root", type=existing, help="Dataset folder (waterbirds, in9, in9l, cct, folder).")
-@click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, random, shuffle, tile, telea, ns) or none.")
+@click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, random, shuffle, tile, telea, ns, cagan) or none.")
+@click.option("--cagan-weights", type=existing, help="cagan: generator weights from `cfrobust cagan train` or `cfrobust cagan import`.")
+@click.option("--device", default="cpu", show_default=True, help="cagan: where the generator runs (cpu, cuda, cuda:1).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="cagan: images per generator batch.")
 @click.option("--size", type=int, default=None, help="Stored image side in pixels  [default: 256; synthetic: its image size]")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
@@ -53,16 +57,24 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--synthetic-sizes", help="synthetic: train,val,test counts  [default: 2000,400,800]")
 @click.option("--synthetic-image-size", type=int, help="synthetic: image side in pixels  [default: 64]")
 @click.option("--synthetic-correlation", type=float, help="synthetic: share of training images whose background agrees with the label  [default: 0.95]")
-def preprocess(dataset, out, cf, size, shard_size, strict, overwrite, resume, workers, rank, world_size, **source):
+def preprocess(
+    dataset, out, cf, cagan_weights, device, batch, size, shard_size, strict, overwrite, resume, workers, rank, world_size,
+    **source,
+):
     """Validate and resize a dataset, precompute its counterfactual images and write
     WebDataset shards with the boxes: OUT/<split>/<split>-NNNNNN.tar + _info.json."""
     from cfrobust.datasets import open_dataset
+    from cfrobust.preprocess.cagan.inpaint import CaganSettings
     from cfrobust.preprocess.pipeline import preprocess as run_preprocess
 
+    methods = comma_list(cf)
+    if cagan_weights and "cagan" not in methods:
+        raise UserError("--cagan-weights is only used with --cf cagan")
     adapter = open_dataset(dataset, **adapter_options(dataset, source))
     summaries = run_preprocess(
-        adapter, out, comma_list(cf), size, shard_size, strict, overwrite,
+        adapter, out, methods, size, shard_size, strict, overwrite,
         resume=resume, workers=workers, rank=rank, world_size=world_size,
+        cagan=CaganSettings(cagan_weights, device, batch) if cagan_weights else None,
     )
     print_summary(summaries, out)
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.errors import UserError
-from cfrobust.preprocess.fills import FILLS, record_rng
+from cfrobust.preprocess.cagan.inpaint import CAGAN_SOURCE, CaganFill, CaganSettings, fill_cagan_samples
+from cfrobust.preprocess.fills import FILLS, RANDOM_FILLS, record_rng
 from cfrobust.preprocess.images import RecordError, binarize, load_mask, load_rgb, mask_box, resize
 from cfrobust.preprocess.progress import SplitProgress
 from cfrobust.shards.manifest import write_info
@@ -62,6 +63,7 @@ class Job:
     strict: bool
     rank: int = 0
     world_size: int = 1
+    cagan: CaganSettings | None = None
 
     def manifest(self, split: str) -> Path:
         name = INFO_NAME if self.world_size == 1 else part_info_name(self.rank, self.world_size)
@@ -98,23 +100,34 @@ def preprocess(
     workers: int = 1,
     rank: int = 0,
     world_size: int = 1,
+    cagan: CaganSettings | None = None,
 ) -> list[SplitSummary]:
     """Write `out/<split>/` shards for every split of `dataset`; return what was written and skipped.
 
     `workers` processes build samples in parallel (the output is identical for any count);
     `rank`/`world_size` take every world_size-th record, for several machines on one output.
+    `cagan` (the generator's weights, device and batch) is needed when `cf_methods` has "cagan".
     """
-    unknown = [m for m in cf_methods if m not in FILLS]
+    unknown = [m for m in cf_methods if m not in FILLS and m != "cagan"]
     if unknown:
-        raise UserError(f"unknown counterfactual fill {unknown[0]!r}; available: {', '.join(FILLS)}")
+        raise UserError(f"unknown counterfactual fill {unknown[0]!r}; available: {', '.join(FILLS)}, cagan")
+    if "cagan" in cf_methods and cagan is None:
+        raise UserError(
+            "--cf cagan needs --cagan-weights W.pt (train one with `cfrobust cagan train` "
+            "or convert the released model with `cfrobust cagan import`)"
+        )
     if resume and overwrite:
         raise UserError("--resume keeps earlier output and --overwrite deletes it: choose one")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
-    job = Job(dataset, Path(out), tuple(cf_methods), size or dataset.default_size, shard_size, strict, rank, world_size)
+    job = Job(
+        dataset, Path(out), tuple(cf_methods), size or dataset.default_size, shard_size, strict, rank, world_size,
+        cagan if "cagan" in cf_methods else None,
+    )
+    fill = CaganFill(job.cagan) if job.cagan else None  # loaded before any output is claimed: bad weights stop early
     for split in dataset.splits:
         claim_output(job, split, overwrite, resume)
-    return [write_split(job, split, resume, workers, progress) for split in dataset.splits]
+    return [write_split(job, split, resume, workers, progress, fill) for split in dataset.splits]
 
 
 def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
@@ -131,7 +144,9 @@ def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
         )
 
 
-def write_split(job: Job, split: str, resume: bool, workers: int, show_progress: bool) -> SplitSummary:
+def write_split(
+    job: Job, split: str, resume: bool, workers: int, show_progress: bool, cagan: CaganFill | None = None
+) -> SplitSummary:
     split_dir = job.out / split
     if resume and job.manifest(split).exists():  # finished in the earlier run
         info = json.loads(job.manifest(split).read_text())
@@ -150,8 +165,11 @@ def write_split(job: Job, split: str, resume: bool, workers: int, show_progress:
     records = itertools.islice(my_records(job, split), done.consumed, None)
     total = _my_count(job, split)
     bar = tqdm(total=total, initial=done.consumed, desc=split, unit="img", disable=not show_progress)
+    outcomes = build_samples(records, job, workers)
+    if cagan is not None:
+        outcomes = fill_cagan_samples(outcomes, cagan, position=done.consumed)
     try:
-        for record, outcome in build_samples(records, job, workers):
+        for record, outcome in outcomes:
             pending.consumed += 1
             bar.update()
             problem = outcome if isinstance(outcome, str) else ("duplicate key" if record.key in seen else "")
@@ -275,7 +293,13 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
     sample = {"__key__": record.key, IMAGE_EXT: encoded}
     for method in cf_methods:
         # A record without boxes trains as plain ERM; its counterfactual slot holds the image.
-        sample[cf_ext(method)] = encode_jpeg(FILLS[method](image, boxes, rng=record_rng(record.key, method))) if boxes else encoded
+        if not boxes:
+            sample[cf_ext(method)] = encoded
+        elif method == "cagan":  # filled in batches by the main process (cagan/inpaint.py)
+            sample[cf_ext(method)], sample[CAGAN_SOURCE] = None, (image, boxes)
+        else:
+            rng = record_rng(record.key, method) if method in RANDOM_FILLS else None  # seeding costs ~20 us
+            sample[cf_ext(method)] = encode_jpeg(FILLS[method](image, boxes, rng=rng))
     if mask is not None:
         sample[MASK_EXT] = encode_png(binarize(resize(mask, size, nearest=True)))
     sample[META_EXT] = encode_meta(record.label, boxes, record.group, record.split, record.source, record.attrs)
