@@ -18,6 +18,7 @@ COMMANDS = {
     "fetch": ("cfrobust.cli.fetch", "fetch"),
     "shards": ("cfrobust.cli.shards", "shards"),
     "report": ("cfrobust.cli.report", "report"),
+    "show": ("cfrobust.cli.show", "show"),
 }
 
 
@@ -52,6 +53,7 @@ def cli() -> None:
       cfrobust fetch        download Waterbirds, ImageNet-9 or Caltech Camera Traps
       cfrobust shards       verify shards against their manifest; merge multi-machine output
       cfrobust report       seed-averaged tables over run folders
+      cfrobust show         picture grid of originals, counterfactuals, factuals, saliency
     """
 
 

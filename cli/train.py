@@ -21,6 +21,10 @@ def train(ctx, **options) -> None:
     \b
     One process:   cfrobust train --shards S --out RUN --cf tile --f mrand --reg bbox_o
     N GPUs:        torchrun --nproc_per_node=N -m cfrobust train --shards S --out RUN ...
+
+    \b
+    While it runs: a progress bar on a terminal (images/s, running loss terms), one line per
+    epoch, OUT/metrics.jsonl (one JSON record per epoch) and, with --tensorboard, OUT/tensorboard/.
     """
     from cfrobust.trainer.train import train as run_training
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 ARCHS = ("simple-cnn", "resnet18", "resnet34", "resnet50", "bit-s-r50x1")
-CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns")
+CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns", "cagan")
 CF_LOSSES = ("logp", "uni", "uni_e", "channels")
 FACTUAL_MODES = ("none", "random", "shuffle", "mrand", "fgsm", "pgd")
 REGULARIZERS = ("none", "bbox_o", "bbox_f1", "gs")
@@ -86,6 +86,12 @@ class TrainConfig:
     bbox_noise: float = option(0.0, "Shift each training box by this fraction of its largest possible offset (seeded).")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, or cuda:N.")
     save_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).")
+    tensorboard: bool = option(
+        False,
+        "Also log scalars to OUT/tensorboard/ (per step: loss terms, lr; per epoch: val figures); "
+        "needs `pip install tensorboard`.",
+    )
+    quiet: bool = option(False, "No progress bar and no per-epoch lines (metrics.jsonl is written all the same).")
     resume: bool = option(False, "Continue the run in --out from checkpoints/last.pt.")
     overwrite: bool = option(False, "Replace an existing run folder.")
 

@@ -18,13 +18,11 @@ import copy
 import json
 import math
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from cfrobust.errors import UserError
 from cfrobust.shards.experiments import DataExperiment
@@ -39,8 +37,7 @@ from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
-
-PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one syncs the device)
+from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
 
 
 def train(config: TrainConfig) -> dict:
@@ -101,26 +98,28 @@ def train_in(env: DistEnv, config: TrainConfig):
         if env.is_main:
             save_checkpoint(out / "checkpoints" / "last.pt", checkpoint_state(model, parts, info, state))
 
-    for epoch in range(state.epoch, config.epochs):
-        data.set_epoch(epoch)
-        objective.set_epoch(epoch)
-        stats = train_one_epoch(parts, loader, state, epoch, save_mid_epoch)
-        sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; keep rank 0's
-        record = {"epoch": epoch + 1, "step": state.step, **stats}
-        if select_on:
-            val = evaluate_splits(model, config.shards, [select_on], env, 2 * config.batch, num_classes=num_classes)
-            record["val"] = {k: val[select_on][k] for k in ("accuracy", "loss", "worst_group_accuracy", "mean_group_accuracy")}
-            record["val"]["split"] = select_on
-        schedule.after_epoch(record["val"]["loss"] if select_on else None)
-        score = record["val"]["accuracy"] if select_on else epoch  # without val: the last epoch
-        improved = score > state.best_score
-        if improved:
-            state.best_score, state.best_epoch = score, epoch + 1
-            best_weights = copy.deepcopy(model.state_dict())
-        state.epoch, state.batches_done = epoch + 1, 0
-        state.metrics.append(record)
-        if env.is_main:
-            save_epoch(out, state, checkpoint_state(model, parts, info, state), is_best=improved)
+    with TrainLog(out, config, env.is_main) as log:
+        for epoch in range(state.epoch, config.epochs):
+            data.set_epoch(epoch)
+            objective.set_epoch(epoch)
+            stats = train_one_epoch(parts, loader, state, epoch, log, save_mid_epoch)
+            sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; keep rank 0's
+            record = {"epoch": epoch + 1, "step": state.step, **stats}
+            if select_on:
+                val = evaluate_splits(model, config.shards, [select_on], env, 2 * config.batch, num_classes=num_classes)
+                record["val"] = {k: val[select_on][k] for k in VAL_FIGURES}
+                record["val"]["split"] = select_on
+            schedule.after_epoch(record["val"]["loss"] if select_on else None)
+            score = record["val"]["accuracy"] if select_on else epoch  # without val: the last epoch
+            improved = score > state.best_score
+            if improved:
+                state.best_score, state.best_epoch = score, epoch + 1
+                best_weights = copy.deepcopy(model.state_dict())
+            state.epoch, state.batches_done = epoch + 1, 0
+            state.metrics.append(record)
+            if env.is_main:
+                save_epoch(out, state, checkpoint_state(model, parts, info, state), is_best=improved)
+            log.epoch_done(record)
     model.load_state_dict(best_weights)
     eval_splits = [s for s in splits if s != "train"]
     results = evaluate_splits(model, config.shards, eval_splits, env, 2 * config.batch, num_classes=num_classes)
@@ -170,41 +169,30 @@ class Precision:
             optimizer.step()
 
 
-def train_one_epoch(parts: TrainingParts, loader, state: RunState, epoch: int, save_checkpoint_now) -> dict:
+def train_one_epoch(parts: TrainingParts, loader, state: RunState, epoch: int, log: TrainLog, save_checkpoint_now) -> dict:
+    """One pass over the epoch's batches; returns the epoch's figures for metrics.jsonl."""
     env, config = parts.env, parts.config
     parts.model.train()
-    sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=env.device)
-    seen = 0
-    start = time.perf_counter()
+    meter = EpochMeter(env.device)
     skip = state.batches_done  # batches this epoch already did before an interruption
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not env.is_main, leave=False)
-    for index, batch in enumerate(bar):
+    log.start_epoch(epoch, len(loader), skip, config.batch * env.world_size)
+    for index, batch in enumerate(loader):
         if index < skip:
             continue  # the stream is deterministic: these batches were trained on before the crash
+        lr = current_lr(parts)  # the rate this step uses (the schedule moves it after the step)
         terms, logits, batch = optimizer_step(parts, batch.to(env.device, non_blocking=True))
         state.step += 1
         state.batches_done = index + 1
-        # Running sums stay on the device: reading a value each step would stall a GPU.
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value
-        correct += (logits.argmax(dim=1) == batch.labels).sum()
-        seen += len(batch)
-        if env.is_main and index % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{float(sum(terms.values())):.3f}")
+        meter.add(terms, logits, batch.labels)
+        log.after_step(state.step, terms, lr, len(batch) * env.world_size, meter)
         if config.save_every and state.step % config.save_every == 0:
             save_checkpoint_now()
-    steps = max(1, len(loader) - skip)
-    seconds = time.perf_counter() - start
-    terms_mean = {k: float(v) / steps for k, v in sums.items()}
-    return {
-        "loss": sum(terms_mean.values()),
-        "terms": terms_mean,
-        "train_accuracy": float(correct) / max(1, seen),
-        "lr": parts.optimizer.param_groups[0]["lr"],
-        "images_per_s": seen * env.world_size / max(seconds, 1e-9),
-        "seconds": seconds,
-    }
+    log.end_epoch(meter)
+    return meter.summary(current_lr(parts), env.world_size)
+
+
+def current_lr(parts: TrainingParts) -> float:
+    return parts.optimizer.param_groups[0]["lr"]
 
 
 def optimizer_step(parts: TrainingParts, batch):
@@ -269,10 +257,10 @@ def save_epoch(out: Path, state: RunState, checkpoint: dict, is_best: bool) -> N
     tmp = out / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(record) + "\n" for record in state.metrics))
     tmp.replace(out / "metrics.jsonl")
-    tqdm.write(epoch_line(state.metrics[-1]))
 
 
 def check_config(config: TrainConfig, info: dict) -> None:
+    check_log_options(config)
     if config.cf_online and config.cf != "none" and config.cf not in ONLINE_FILLS:
         raise UserError(
             f"--cf {config.cf} is offline only: drop --cf-online and read it from shards made with "
@@ -343,12 +331,5 @@ def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
     return state, best
 
 
-RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every"}  # may differ between the two runs
+RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every", "tensorboard", "quiet"}  # may differ between the two runs
 
-
-def epoch_line(record: dict) -> str:
-    terms = " ".join(f"{k}={v:.3f}" for k, v in record["terms"].items())
-    line = f"epoch {record['epoch']}: loss {record['loss']:.3f} ({terms}) train acc {record['train_accuracy']:.3f}"
-    if "val" in record:
-        line += f" | val acc {record['val']['accuracy']:.3f} worst group {record['val']['worst_group_accuracy']:.3f}"
-    return line + f" | {record['images_per_s']:.0f} img/s"
