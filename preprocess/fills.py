@@ -15,14 +15,10 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from cfrobust.shards.schema import MEAN_RGB_UINT8, box_pixel_bounds, boxes_to_mask
+from cfrobust.shards.schema import MEAN_RGB_UINT8, RANDOM_NOISE_STD, box_pixel_bounds, boxes_to_mask
 
 Fill = Callable[..., np.ndarray]  # fill(image, boxes, rng=None) -> image
 
-# The official `random` inpainter (robust_cls_model, arch/inpainting/Baseline.py,
-# RandomColorWithNoiseInpainter) draws a colour per image and channel uniformly in [0, 1] and
-# adds N(0, 0.2) noise per pixel and channel, clamped to [0, 1]: in uint8 units, 0.2 * 255.
-RANDOM_NOISE_STD = 0.2 * 255
 INPAINT_RADIUS = 3  # pixels around the hole cv2.inpaint looks at
 
 

@@ -26,6 +26,11 @@ META_EXT = "json"
 NORMALIZE_MEAN = (0.485, 0.456, 0.406)
 NORMALIZE_STD = (0.229, 0.224, 0.225)
 MEAN_RGB_UINT8 = tuple(round(255 * m) for m in NORMALIZE_MEAN)
+# The `random` fill, offline and online: the official inpainter (robust_cls_model,
+# arch/inpainting/Baseline.py, RandomColorWithNoiseInpainter) draws a colour per image and
+# channel uniformly in [0, 1] and adds N(0, 0.2) noise per pixel and channel, clamped to
+# [0, 1]: in uint8 units, 0.2 * 255.
+RANDOM_NOISE_STD = 0.2 * 255
 
 
 def shard_name(split: str, index: int, rank: int = 0, world_size: int = 1) -> str:

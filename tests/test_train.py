@@ -19,7 +19,7 @@ from cfrobust.trainer.config import CF_FILLS, CF_LOSSES, FACTUAL_MODES, REG_GRAD
 from cfrobust.trainer.models import build_model
 from cfrobust.trainer.train import train
 
-EVAL_KEYS = {"n", "accuracy", "loss", "ece", "auroc", "groups", "worst_group_accuracy", "mean_group_accuracy"}
+EVAL_KEYS = {"n", "accuracy", "loss", "ece", "auroc", "aupr", "groups", "worst_group_accuracy", "mean_group_accuracy"}
 # Whole training runs, one option at a time plus the paper's combination; every combination of
 # the terms is exercised on single batches in test_objectives_all.py (the DomainBed-style matrix).
 RUNS = (

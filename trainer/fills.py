@@ -11,8 +11,7 @@ from typing import Callable
 
 import torch
 
-from cfrobust.preprocess.fills import RANDOM_NOISE_STD
-from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD
+from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD, RANDOM_NOISE_STD
 from cfrobust.trainer.pixels import normalize, tiled_backgrounds
 
 OnlineFill = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
