@@ -19,6 +19,7 @@ COMMANDS = {
     "shards": ("cfrobust.cli.shards", "shards"),
     "report": ("cfrobust.cli.report", "report"),
     "show": ("cfrobust.cli.show", "show"),
+    "cagan": ("cfrobust.cli.cagan", "cagan"),
 }
 
 
@@ -54,6 +55,7 @@ def cli() -> None:
       cfrobust shards       verify shards against their manifest; merge multi-machine output
       cfrobust report       seed-averaged tables over run folders
       cfrobust show         picture grid of originals, counterfactuals, factuals, saliency
+      cfrobust cagan        train or import the CAGAN inpainter for `--cf cagan`
     """
 
 
