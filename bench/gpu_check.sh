@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one script to run on a lent GPU machine (see the device tool): GPU benchmark of the
-# training loop, results as JSON under $OUT. Installs nothing that is not carried: webdataset
-# and captum travel as wheels in .whl/ (see README "GPU check"); torch is the machine's own.
+# The one script to run on a lent GPU machine (see the device tool): GPU benchmarks of the
+# training loop and of CAGAN inference (256x256, batch 32), results as JSON under $OUT.
+# Installs nothing that is not carried: webdataset and captum travel as wheels in .whl/
+# (see README "GPU check"); torch is the machine's own.
 #   run: bash bench/gpu_check.sh            (on the GPU machine, OUT set by the tool)
 #   try: SMALL=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh   (CPU, tiny sizes: tests the script)
 set -euo pipefail
@@ -22,4 +23,10 @@ else
 fi
 python3 bench/train_bench.py "${args[@]}" --work /tmp/cfrobust-train-bench --json "$OUT/train_bench.json" \
   2>&1 | tee "$OUT/train_bench.txt"
+if [ "${SMALL:-0}" = 1 ]; then
+  cagan=(--device cpu --infer-batch 1 --infer-repeats 1)
+else
+  cagan=(--device cuda --infer-batch 32 --infer-repeats 5)
+fi
+python3 bench/cagan_bench.py --infer-only "${cagan[@]}" --json "$OUT/cagan_bench.json" 2>&1 | tee "$OUT/cagan_bench.txt"
 echo "results in $OUT"

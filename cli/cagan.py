@@ -7,19 +7,11 @@ from pathlib import Path
 
 import click
 
+from cfrobust.cli.options import UserErrorGroup
 from cfrobust.errors import UserError
 
 
-class _UserErrorsAsMessages(click.Group):
-    # The top-level group does this too; doing it here keeps `cagan` right when run on its own.
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-@click.group(cls=_UserErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cagan() -> None:
     """Train the CAGAN inpainter (DeepFill v1) on your shards, or import released TF weights."""
 

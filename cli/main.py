@@ -7,7 +7,7 @@ import importlib
 import click
 
 from cfrobust import __version__
-from cfrobust.errors import UserError
+from cfrobust.cli.options import UserErrorGroup
 
 # name -> (module, attribute); each module defines one click command and imports torch lazily.
 COMMANDS = {
@@ -23,7 +23,7 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(UserErrorGroup):
     def list_commands(self, ctx) -> list[str]:
         return list(COMMANDS)
 
@@ -32,13 +32,6 @@ class LazyGroup(click.Group):
             return None
         module, attribute = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            # Bad input is the user's to fix: one line naming the culprit, no traceback.
-            raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

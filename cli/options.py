@@ -6,6 +6,8 @@ from dataclasses import MISSING, fields
 
 import click
 
+from cfrobust.errors import UserError
+
 
 def dataclass_options(cls, required: tuple[str, ...] = ()):
     """Decorator adding one `--field-name` option per dataclass field, with its help and choices."""
@@ -38,3 +40,16 @@ def comma_list(text: str) -> list[str]:
     """'tile, mean' -> ['tile', 'mean']; 'none' or '' -> []."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     return [] if items == ["none"] else items
+
+
+class UserErrorGroup(click.Group):
+    """A command group that turns UserError (bad input, the user's to fix) into one line,
+    no traceback. The top-level group is one; so are the sub-groups, which keeps them right
+    when they are invoked on their own (tests, other entry points)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+

@@ -8,20 +8,11 @@ from pathlib import Path
 
 import click
 
-from cfrobust.errors import UserError
-
-
-class _UserErrorsAsMessages(click.Group):
-    # The top-level group does this too; doing it here keeps `shards` right when run on its own.
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+from cfrobust.cli.options import UserErrorGroup
 
 
 @click.group(
-    cls=_UserErrorsAsMessages, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 def shards() -> None:
     """Check or combine shard folders (OUT/<split>/ with _info.json)."""

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from cfrobust.errors import UserError
+from cfrobust.files import save_torch_atomically
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch_atomically(state, path)  # a crash never leaves a torn checkpoint
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -53,13 +53,15 @@ class Objective:
         config = self.config
         x = normalize(batch.images)
         y = batch.labels
-        holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3])
-        has_box = batch.box_valid.any(dim=1)
+        # Plain ERM needs neither the holes nor which samples have boxes: skip the work.
+        needs_boxes = self.factual is not None or self.cf_loss is not None or self.regularizer is not None
+        holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3]) if needs_boxes else None
+        has_box = batch.box_valid.any(dim=1) if needs_boxes else None
         mixed = mixup(x, y, config.mixup, self.generator) if config.mixup > 0 else None
         if self.regularizer is not None and self.score is not None:
             x.requires_grad_(True)  # the input gradient is taken on the unmixed images
         rows = self._rows(model, batch, x, y, holes, has_box, mixed)
-        inputs = torch.cat(list(rows.values()))
+        inputs = rows["x"] if len(rows) == 1 else torch.cat(list(rows.values()))  # ERM: no copy
         if config.gridmask:
             inputs = gridmask(inputs, self.generator)
         logits = dict(zip(rows, model(inputs).split([len(r) for r in rows.values()])))
@@ -98,7 +100,7 @@ class Objective:
             losses = [mixup_cross_entropy(logits["x"], y, y_partner, lam, smoothing)]
         if "f" in logits:
             losses.append(F.cross_entropy(logits["f"], y[has_box], label_smoothing=smoothing, reduction="none"))
-        return torch.cat(losses).mean()
+        return (losses[0] if len(losses) == 1 else torch.cat(losses)).mean()
 
     def _saliency(self, model, x, y, logits_x) -> torch.Tensor:
         """g: the input gradient of the score of the class logits, or a captum attribution."""

@@ -12,10 +12,23 @@ from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float (x / 255 - mean) / std; the `mean` fill maps to ~0."""
-    mean = torch.tensor(NORMALIZE_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZE_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    """uint8 [B, 3, H, W] -> float (x / 255 - mean) / std; the `mean` fill maps to ~0.
+
+    Computed as x * (1 / (255 std)) - mean / std, in place on the one new float tensor: two
+    passes over the batch instead of four (it runs on every image of every step)."""
+    scale, shift = _normalize_constants(images.device)
+    return images.to(torch.float32, copy=True).mul_(scale).sub_(shift)  # never the caller's tensor
+
+
+_NORMALIZE_CONSTANTS: dict = {}
+
+
+def _normalize_constants(device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _NORMALIZE_CONSTANTS:
+        mean = torch.tensor(NORMALIZE_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(NORMALIZE_STD, dtype=torch.float64).view(1, 3, 1, 1)
+        _NORMALIZE_CONSTANTS[device] = ((1 / (255 * std)).float().to(device), (mean / std).float().to(device))
+    return _NORMALIZE_CONSTANTS[device]
 
 
 def normalized_range(device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ on its own slice of the shards; rank 0 alone writes OUT, OUT.state and the OUT.s
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from cfrobust.distributed import DistEnv, barrier, setup_distributed, teardown_distributed
 from cfrobust.errors import UserError
+from cfrobust.files import save_torch_atomically
 from cfrobust.preprocess.cagan.critics import (
     Critics,
     crop_patches,
@@ -380,11 +380,7 @@ def save_state(out: Path, models: Models, progress: Progress, config: CaganConfi
         "world_size": env.world_size,
         "rng": {"torch": torch.get_rng_state()},
     }
-    path = state_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch_atomically(state, state_path(out))
 
 
 def write_weights(out: Path, generator: Generator, config: CaganConfig, size, progress: Progress, env: DistEnv) -> None:

@@ -3,13 +3,13 @@ weight file (`torch.save` of a plain dict, loaded with `weights_only=True`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cfrobust.errors import UserError
+from cfrobust.files import save_torch_atomically
 from cfrobust.preprocess.cagan.network import Generator
 
 FORMAT = "cfrobust.cagan/1"
@@ -58,12 +58,7 @@ def save_weights(path, generator: Generator, meta: dict | None = None) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
         "meta": dict(getattr(generator, "meta", {}) if meta is None else meta),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_torch_atomically(payload, path)
 
 
 def load_generator(path, device="cpu") -> Generator:
