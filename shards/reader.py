@@ -277,7 +277,7 @@ def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = F
 
 def _quiet_worker(_worker_id: int) -> None:
     # One thread per loader worker: the workers already run in parallel with the main process.
-    import cv2
-
-    cv2.setNumThreads(1)
+    # OpenCV's thread count is left alone: the workers only call imdecode, which runs on the
+    # calling thread, and cv2.setNumThreads in a forked child can deadlock on a lock that a
+    # pool thread of the parent held at fork time (seen: a training run hung at its first batch).
     torch.set_num_threads(1)
