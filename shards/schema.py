@@ -92,10 +92,15 @@ def decode_rgb(data: bytes) -> np.ndarray:
     if not data:  # cv2 raises its own error type on an empty buffer
         raise ValueError("empty image data")
     # Pixels as stored: EXIF rotation would put annotations made on the stored pixels off target.
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None:
         raise ValueError("unreadable image data")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return pixels if _DECODES_RGB else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+# OpenCV >= 4.10 decodes straight to RGB, saving a colour-conversion pass per image.
+_DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
+_DECODE_FLAGS = cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR
 
 
 def decode_gray(data: bytes) -> np.ndarray:

@@ -9,7 +9,7 @@ WebDataset tars that any tar reader understands; `cfrobust shards verify` checks
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Collection, Iterator
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
@@ -31,23 +31,35 @@ def header_fields(block: bytes) -> tuple[str, int, bytes]:
     return name.decode("utf-8", "surrogateescape"), size, block[156:157]
 
 
-def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file of a tar stream, in order."""
+def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream, in order; with `wanted_exts`, only
+    the members with those extensions (the others' payloads are skipped, not read)."""
     pending_name = None
+    read = stream.read
     while True:
-        block = stream.read(BLOCK)
-        if len(block) < BLOCK or not block.strip(b"\0"):
+        block = read(BLOCK)
+        if len(block) < BLOCK or (block[0] == 0 and not block.strip(b"\0")):
             return  # end-of-archive marker (or a short file: `shards verify` reports those)
         name, size, kind = header_fields(block)
-        data = stream.read(size + (-size % BLOCK))[:size]
-        if kind == _LONG_NAME:
-            pending_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        padded = size + (-size % BLOCK)
+        if kind in _REGULAR:
+            name, pending_name = pending_name or name, None
+            if wanted_exts is None or member_ext(name) in wanted_exts:
+                yield name, read(padded)[:size]
+            else:
+                stream.seek(padded, 1)
+        elif kind == _LONG_NAME:
+            pending_name = read(padded)[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind in _PAX:
-            pending_name = _pax_path(data) or pending_name
+            pending_name = _pax_path(read(padded)[:size]) or pending_name
         else:
-            if kind in _REGULAR:
-                yield pending_name or name, data
+            stream.seek(padded, 1)
             pending_name = None
+
+
+def member_ext(name: str) -> str:
+    """WebDataset's extension: what follows the first dot of the last path component."""
+    return name.rpartition("/")[2].partition(".")[2]
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -59,12 +71,13 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_samples(path: Path) -> Iterator[dict]:
+def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> Iterator[dict]:
     """WebDataset samples of one shard: {"__key__", "__url__", ext: bytes, ...}, members with the
-    same key (the name up to the first dot of its last component) grouped in order."""
+    same key (the name up to the first dot of its last component) grouped in order; with
+    `wanted_exts`, samples carry only those parts."""
     sample: dict = {}
     with open(path, "rb", buffering=1 << 20) as stream:
-        for name, data in iter_members(stream):
+        for name, data in iter_members(stream, wanted_exts):
             head, slash, tail = name.rpartition("/")
             stem, _, ext = tail.partition(".")
             key = head + slash + stem

@@ -43,3 +43,20 @@ def test_our_writer_round_trips_long_keys(tmp_path):
     assert [(s["__key__"], parts(s)) for s in read] == [(s["__key__"], parts(s)) for s in samples]
     with tarfile.open(tmp_path / "t-000000.tar") as archive:  # and any tar reader agrees
         assert archive.getnames() == ["k" * 120 + ".jpg", "k" * 120 + ".json", "s.jpg"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_wanted_extensions_skip_the_other_payloads(tmp_path, fmt):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=fmt) as archive:
+        for name, data in MEMBERS + [("a/" + "k" * 150 + ".png", b"p" * 600), ("d.json", b"[]")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    kept = list(iter_tar_samples(path, {"jpg", "json"}))
+    # Long names of skipped members must not leak onto the next member, nor payloads shift.
+    assert [(s["__key__"], parts(s)) for s in kept] == [
+        ("a/" + "k" * 150, {"jpg": b"abc", "json": b"{}"}),
+        ("c", {"jpg": b"z" * 700}),
+        ("d", {"json": b"[]"}),
+    ]
