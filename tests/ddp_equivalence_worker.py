@@ -1,5 +1,6 @@
-"""Run by tests/test_train.py: 3 optimizer steps on fixed batches, either as one of 2 torchrun
-ranks (each takes its half of every batch) or as one process accumulating the two halves."""
+"""Run by tests/test_train.py: for each config of a JSON list, 3 optimizer steps on fixed batches,
+either as one of 2 torchrun ranks (each takes its half of every batch) or as one process
+accumulating the two halves. One process group serves every config (start-up dominates)."""
 
 import json
 import sys
@@ -14,18 +15,23 @@ from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimizer_step
 
-config = TrainConfig(**json.loads(sys.argv[1]))
+
+def three_steps(config: TrainConfig, env) -> dict:
+    samples = list(iter_samples(sorted(Path(config.shards, "train").glob("*.tar")), [config.cf]))
+    size = config.batch * env.world_size  # the global batch
+    batches = [collate(samples[i * size : (i + 1) * size]) for i in range(3)]
+    model, wrapped = make_model(config, 2, env)
+    optimizer = make_optimizer(model, config)
+    parts = TrainingParts(wrapped, Objective(config), optimizer, Schedule(optimizer, config, 3),
+                          Precision("32", env.device), torch.Generator(), env, config)
+    for batch in batches:
+        mine = batch.chunks(env.world_size)[env.rank]  # a single process keeps the whole batch
+        optimizer_step(parts, mine)
+    return {k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+
+
 env = setup_distributed("cpu")
-samples = list(iter_samples(sorted(Path(config.shards, "train").glob("*.tar")), [config.cf]))
-size = config.batch * env.world_size  # the global batch
-batches = [collate(samples[i * size : (i + 1) * size]) for i in range(3)]
-model, wrapped = make_model(config, 2, env)
-optimizer = make_optimizer(model, config)
-parts = TrainingParts(wrapped, Objective(config), optimizer, Schedule(optimizer, config, 3), Precision("32", env.device),
-                      torch.Generator(), env, config)
-for batch in batches:
-    mine = batch.chunks(env.world_size)[env.rank]  # a single process keeps the whole batch
-    optimizer_step(parts, mine)
-torch.save({k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k},
-           f"{sys.argv[2]}/world{env.world_size}-rank{env.rank}.pt")
+for index, options in enumerate(json.loads(sys.argv[1])):
+    weights = three_steps(TrainConfig(**options), env)
+    torch.save(weights, f"{sys.argv[2]}/{index}-world{env.world_size}-rank{env.rank}.pt")
 teardown_distributed()

@@ -116,8 +116,18 @@ def test_torchvision_models_classify_at_any_size(arch):
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_torchrun_two_processes_end_with_identical_weights(tiny_shards, tmp_path):
-    config = tiny_config(tiny_shards, tmp_path / "run", epochs=2, batch=8, workers=1, cf="tile", f="mrand", reg="bbox_o")
+# The terms that run extra passes through the model besides DDP's forward: the attacks (through
+# the unwrapped model, in eval mode) and the captum-style attributions (double backprop).
+DDP_TERMS = [
+    dict(f="mrand", reg="bbox_o"),
+    dict(f="fgsm", reg="bbox_o", reg_grad="grad_cam"),
+    dict(f="pgd", f_steps=2, reg="bbox_o", reg_grad="deeplift"),
+]
+
+
+@pytest.mark.parametrize("terms", DDP_TERMS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_torchrun_two_processes_end_with_identical_weights(tiny_shards, tmp_path, terms):
+    config = tiny_config(tiny_shards, tmp_path / "run", epochs=2, batch=8, workers=1, cf="tile", **terms)
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
@@ -139,23 +149,29 @@ def test_torchrun_two_processes_end_with_identical_weights(tiny_shards, tmp_path
 
 def test_two_processes_and_one_with_the_same_global_batch_reach_the_same_weights(tiny_shards, tmp_path):
     """DDP averages the ranks' gradients; one process accumulating the same two halves
-    (--batch-split 2) must take the same optimizer steps."""
+    (--batch-split 2) must take the same optimizer steps, also when the saliency map comes
+    from extra passes through the unwrapped model (deeplift, grad_cam)."""
     worker = Path(__file__).with_name("ddp_equivalence_worker.py")
+    reg_grads = ["grad_y", "deeplift", "grad_cam"]
     common = dict(shards=str(tiny_shards), out="", arch="simple-cnn", batch=8, lr=0.1, cf="tile", reg="bbox_o", reg_coeff=10.0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = json.dumps(TrainConfig(**common).to_dict())
-    one = json.dumps(TrainConfig(**{**common, "batch": 16, "batch_split": 2}).to_dict())
+    two = json.dumps([TrainConfig(**common, reg_grad=g).to_dict() for g in reg_grads])
+    one = json.dumps([TrainConfig(**{**common, "batch": 16, "batch_split": 2}, reg_grad=g).to_dict() for g in reg_grads])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
                     two, str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
     subprocess.run([sys.executable, str(worker), one, str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
-    single = torch.load(tmp_path / "world1-rank0.pt", weights_only=True)
-    for rank in (0, 1):
-        ranked = torch.load(tmp_path / f"world2-rank{rank}.pt", weights_only=True)
-        for name, tensor in single.items():
-            assert torch.allclose(ranked[name], tensor, atol=1e-5, rtol=1e-4), (rank, name)
     torch.manual_seed(0)  # as make_model does for seed 0
     initial = build_model("simple-cnn", 2).state_dict()
-    assert not torch.allclose(single["0.weight"], initial["0.weight"])  # the steps did move the weights
+    finals = []
+    for index, reg_grad in enumerate(reg_grads):
+        single = torch.load(tmp_path / f"{index}-world1-rank0.pt", weights_only=True)
+        for rank in (0, 1):
+            ranked = torch.load(tmp_path / f"{index}-world2-rank{rank}.pt", weights_only=True)
+            for name, tensor in single.items():
+                assert torch.allclose(ranked[name], tensor, atol=1e-5, rtol=1e-4), (reg_grad, rank, name)
+        assert not torch.allclose(single["0.weight"], initial["0.weight"])  # the steps did move the weights
+        finals.append(single["0.weight"])
+    assert not torch.allclose(finals[0], finals[1]) and not torch.allclose(finals[0], finals[2])  # the maps differ
 
 
 def test_torchrun_max_restarts_resumes_a_killed_rank_to_the_same_weights(tiny_shards, tmp_path):
