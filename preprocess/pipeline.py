@@ -6,6 +6,7 @@ counted in the summary and in `_info.json`, and `strict=True` turns the first in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -253,13 +254,31 @@ def build_samples(records: Iterator[Record], job: Job, workers: int) -> Iterator
             yield record, task(record)
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers, initializer=_quiet_worker) as pool:
+    with opencv_single_threaded(), context.Pool(workers) as pool:
         # Records travel to the workers and back beside their outcome; holding a bounded window
         # keeps memory flat on large datasets.
         window = 64 * workers
         iterator = iter(records)
         while chunk := list(itertools.islice(iterator, window)):
             yield from zip(chunk, pool.imap(task, chunk, chunksize=8))
+
+
+@contextlib.contextmanager
+def opencv_single_threaded() -> Iterator[None]:
+    """One OpenCV thread in this process while worker processes are forked from it.
+
+    The workers are the parallelism, so each must run OpenCV on its own thread; they inherit
+    the setting. It is set here, before the fork, because calling cv2.setNumThreads in a forked
+    child can deadlock on a lock one of the parent's pool threads held at fork time (seen in
+    a DataLoader worker); here the parent stops its own pool threads cleanly instead."""
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods) -> dict | str:
@@ -269,12 +288,6 @@ def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods) 
         return make_sample(record, num_classes, size, list(cf_methods))
     except RecordError as exc:
         return str(exc)
-
-
-def _quiet_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV's own threads would oversubscribe
 
 
 def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[str]) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -10,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from cfrobust.datasets import open_dataset
 from cfrobust.errors import UserError
-from cfrobust.preprocess.pipeline import preprocess
+from cfrobust.preprocess.pipeline import opencv_single_threaded, preprocess
 from cfrobust.shards.reader import EvalShards
 
 SIZES = (40, 10, 10)
@@ -47,8 +50,24 @@ def clean_run(tmp_path_factory):
 
 
 def test_any_worker_count_writes_byte_identical_shards(clean_run, tmp_path):
+    cv2.setNumThreads(2)
     preprocess(synthetic(), tmp_path / "w3", FILLS, shard_size=7, progress=False, workers=3)
     assert files(tmp_path / "w3") == files(clean_run)
+    assert cv2.getNumThreads() == 2  # the caller's OpenCV setting is back
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_forked_workers_inherit_one_opencv_thread_and_never_set_it():
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((2000, 2000), np.uint8), (1000, 1000))  # OpenCV's thread pool is now live
+    with opencv_single_threaded(), multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(cv2.getNumThreads) == 1
+        assert pool.apply(_shrink_in_worker) == 100
+    assert cv2.getNumThreads() == 2
+
+
+def _shrink_in_worker() -> int:
+    return int(cv2.resize(np.ones((2000, 2000), np.uint8), (10, 10)).sum())  # a parallel_for_ in the child
 
 
 SLOW_RUN = """
