@@ -1,14 +1,16 @@
-"""Files that appear whole or not at all: written under a temporary name, then renamed.
+"""Torch files written whole or not at all, and read back without running pickled code.
 
-A run killed mid-write (SIGKILL, preemption, a full disk) leaves the previous file intact, so
-`--resume` never meets a torn checkpoint. The temporary name carries the process id: two
-processes writing the same path never share a temporary.
+Writes go to a temporary name, then are renamed: a run killed mid-write (SIGKILL, preemption,
+a full disk) leaves the previous file intact, so `--resume` never meets a torn checkpoint. The
+temporary name carries the process id: two processes writing the same path never share one.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from cfrobust.errors import UserError
 
 
 def save_torch_atomically(obj, path) -> None:
@@ -22,3 +24,18 @@ def save_torch_atomically(obj, path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_torch_safely(path, what: str, map_location="cpu"):
+    """torch.load(weights_only=True) of `path`; a missing or unreadable file is a one-line
+    UserError naming it and `what` it should have been (e.g. "checkpoint")."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types (pickle, zip, runtime) for a damaged or foreign file
+        reason = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {reason})") from None

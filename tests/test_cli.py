@@ -80,7 +80,7 @@ def test_eval_of_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tiny_shards
     result = CliRunner().invoke(
         cli, ["eval", "--checkpoint", str(bogus), "--shards", str(tiny_shards), "--out", str(tmp_path / "e.json")]
     )
-    assert "not a readable cfrobust checkpoint" in _error_line(result)
+    assert "not a readable checkpoint" in _error_line(result)
 
 
 def test_preprocess_into_an_existing_output_needs_overwrite(tmp_path):

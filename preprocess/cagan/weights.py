@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cfrobust.errors import UserError
-from cfrobust.files import save_torch_atomically
+from cfrobust.files import load_torch_safely, save_torch_atomically
 from cfrobust.preprocess.cagan.network import Generator
 
 FORMAT = "cfrobust.cagan/1"
@@ -63,13 +63,7 @@ def save_weights(path, generator: Generator, meta: dict | None = None) -> None:
 
 def load_generator(path, device="cpu") -> Generator:
     """The generator saved by `save_weights`, on `device`, in eval mode; `.meta` holds its meta."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such CAGAN weight file")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean the same thing here
-        raise UserError(f"{path}: not a cfrobust CAGAN weight file ({type(exc).__name__})") from None
+    payload = load_torch_safely(path, "CAGAN weight file", device)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a cfrobust CAGAN weight file (expected format {FORMAT})")
     generator = Generator(int(payload["cnum"]))
