@@ -8,6 +8,7 @@ temporary name carries the process id: two processes writing the same path never
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from cfrobust.errors import UserError
@@ -32,10 +33,18 @@ def load_torch_safely(path, what: str, map_location="cpu"):
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a directory, not a {what}")
     if not path.is_file():
         raise UserError(f"{path}: no such {what}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types (pickle, zip, runtime) for a damaged or foreign file
-        reason = (str(exc).strip().splitlines() or [""])[0][:120]
-        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {reason})") from None
+        raise UserError(f"{path}: not a readable {what} ({one_line_reason(exc)})") from None
+
+
+def one_line_reason(exc: Exception, limit: int = 120) -> str:
+    """"Type: first non-empty line of the message", without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {line[:limit]}" if line else type(exc).__name__

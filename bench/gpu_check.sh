@@ -19,7 +19,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 if [ "${SMALL:-0}" = 1 ]; then
   args=(--arch simple-cnn --size 32 --batch 16 --device cpu --workers 1 --steps 3 --warmup 1 --repeats 1)
 else
-  args=(--arch resnet50 --size 224 --batch 64 --device cuda --workers 12 --steps 30 --warmup 5 --repeats 2)
+  args=(--arch resnet50 --size 224 --batch 64 --device cuda --workers 12 --steps 30 --repeats 2)
 fi
 python3 bench/train_bench.py "${args[@]}" --work /tmp/cfrobust-train-bench --json "$OUT/train_bench.json" \
   2>&1 | tee "$OUT/train_bench.txt"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import torch
 
 from cfrobust.datasets import open_dataset
 from cfrobust.preprocess.pipeline import preprocess
-from cfrobust.shards.reader import TrainShards, make_loader
+from cfrobust.shards.reader import TrainShards, make_loader, shuffle_ramp_batches
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.distributed import DistEnv
 from cfrobust.trainer.objective import Objective
@@ -42,11 +43,14 @@ TERMS = {
 }
 
 
-def make_shards(root: Path, size: int, count: int) -> Path:
-    shards = root / f"shards-{size}-{count}"
+def make_shards(root: Path, size: int, count: int, workers: int) -> Path:
+    """Built-in-dataset shards, at least 8 and at least one per loader worker."""
+    shard_count = max(8, workers)
+    shards = root / f"shards-{size}-{count}-{shard_count}"
     if not (shards / "train" / "_info.json").exists():
         source = open_dataset("synthetic", sizes=(count, 0, 0), image_size=size)
-        preprocess(source, shards, ["tile"], shard_size=max(1, count // 8), progress=False, overwrite=True)
+        preprocess(source, shards, ["tile"], shard_size=max(1, count // shard_count), progress=False, overwrite=True,
+                   workers=min(8, os.cpu_count() or 1))
     return shards
 
 
@@ -111,7 +115,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps; >= shuffle buffer / batch, so the timed steps read one sample per sample")
+    parser.add_argument("--warmup", type=int, help="untimed steps (default: until every loader worker's shuffle "
+                        "buffer is full, so the timed steps read one sample per sample)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--terms", default=",".join(TERMS))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfrobust-train-bench")
@@ -119,8 +124,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     env = DistEnv(0, 1, 0, device)
+    if args.warmup is None:
+        args.warmup = shuffle_ramp_batches(args.batch, args.workers)
     samples = args.batch * (args.steps + args.warmup) * 2
-    shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch))
+    shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch), args.workers)
     base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
     # Each loop run is paired with a bare-step run just before it: this VM's speed drifts by
     # tens of percent within minutes, and a ratio of neighbours cancels most of that.
@@ -138,6 +145,7 @@ def main() -> None:
     print(f"{args.arch} at {args.size} px, batch {args.batch}, {results['device']}, {args.workers} loader worker(s), "
           f"best of {args.repeats}")
     print(f"{'bare model step (in-memory batch)':40s} {max(bare):8.1f} images/s")
+    erm_speed = max(loops["erm"]) if "erm" in loops else None
     for name, speeds in loops.items():
         speed = results["loop"][name] = max(speeds)
         if name == "erm":
@@ -145,7 +153,7 @@ def main() -> None:
             note = (f"{results['erm_over_bare']:.2f}x the bare step (median of {len(ratios)} paired runs: "
                     f"{', '.join(f'{r:.2f}' for r in ratios)})")
         else:
-            note = f"{results['loop']['erm'] / speed:.2f}x the ERM loop's time per image" if "erm" in loops else ""
+            note = f"{erm_speed / speed:.2f}x the ERM loop's time per image" if erm_speed else ""
         print(f"{'loop ' + name:40s} {speed:8.1f} images/s   {note}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

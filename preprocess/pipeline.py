@@ -191,6 +191,7 @@ def write_split(
         writer.abort()
         raise
     finally:
+        outcomes.close()  # stops the worker pool now, not when the generator is collected
         bar.close()
     write_manifest(job, split, done.shards, summary, groups)
     job.journal(split).unlink(missing_ok=True)
@@ -253,8 +254,11 @@ def build_samples(records: Iterator[Record], job: Job, workers: int) -> Iterator
         for record in records:
             yield record, task(record)
         return
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with opencv_single_threaded(), context.Pool(workers) as pool:
+    forks = "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if forks else "spawn")
+    # Forked workers inherit one OpenCV thread from opencv_single_threaded; spawned ones start
+    # fresh, with no parent lock to deadlock on, and set it themselves.
+    with opencv_single_threaded(), context.Pool(workers, initializer=None if forks else _one_opencv_thread) as pool:
         # Records travel to the workers and back beside their outcome; holding a bounded window
         # keeps memory flat on large datasets.
         window = 64 * workers
@@ -279,6 +283,12 @@ def opencv_single_threaded() -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(previous)
+
+
+def _one_opencv_thread() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods) -> dict | str:

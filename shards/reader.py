@@ -10,6 +10,7 @@ Evaluation: every shard goes to exactly one (rank, worker), so every sample is r
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -149,7 +150,18 @@ def padded_boxes(box_lists: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(boxes), torch.from_numpy(valid)
 
 
-def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator, initial: int = 64) -> Iterator[dict]:
+SHUFFLE_BUFFER = 512
+SHUFFLE_START = 64
+
+
+def shuffle_ramp_batches(batch_size: int, num_workers: int) -> int:
+    """Batches a loader yields before every worker's shuffle buffer is full (the ramp reads two
+    samples per sample yielded, so benchmarks time the steps after it)."""
+    return math.ceil((SHUFFLE_BUFFER - SHUFFLE_START) / batch_size) * max(1, num_workers)
+
+
+def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator,
+              initial: int = SHUFFLE_START) -> Iterator[dict]:
     """Buffer shuffle that starts yielding after `initial` samples and grows the buffer to
     `buffer_size` (two reads per yield), so an epoch's first batch is not held back by
     decoding the whole buffer."""
@@ -184,7 +196,7 @@ class TrainShards(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
-        shuffle_buffer: int = 512,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
         experiment: DataExperiment | None = None,
     ):
         self.split_dir = Path(split_dir)
@@ -236,7 +248,6 @@ class TrainShards(IterableDataset):
         for _ in range(self.per_worker):
             chunk = [next(samples) for _ in range(self.batch_size)]
             yield collate(chunk)
-
 
     def _stream(self, paths: list[Path]) -> Iterator[dict]:
         samples = iter_samples(paths, self.cf_methods)

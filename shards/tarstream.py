@@ -31,9 +31,9 @@ def header_fields(block: bytes) -> tuple[str, int, bytes]:
     return name.decode("utf-8", "surrogateescape"), size, block[156:157]
 
 
-def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file of a tar stream, in order; with `wanted_exts`, only
-    the members with those extensions (the others' payloads are skipped, not read)."""
+def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data) of each regular file of a tar stream, in order; with `wanted_exts`, the
+    other members' payloads are skipped, not read, and come as (name, None)."""
     pending_name = None
     read = stream.read
     while True:
@@ -48,6 +48,7 @@ def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -
                 yield name, read(padded)[:size]
             else:
                 stream.seek(padded, 1)
+                yield name, None
         elif kind == _LONG_NAME:
             pending_name = read(padded)[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind in _PAX:
@@ -74,7 +75,8 @@ def _pax_path(data: bytes) -> str | None:
 def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> Iterator[dict]:
     """WebDataset samples of one shard: {"__key__", "__url__", ext: bytes, ...}, members with the
     same key (the name up to the first dot of its last component) grouped in order; with
-    `wanted_exts`, samples carry only those parts."""
+    `wanted_exts`, samples carry only those parts (a sample with none of them is still yielded,
+    bare, so that its reader can name what is missing)."""
     sample: dict = {}
     with open(path, "rb", buffering=1 << 20) as stream:
         for name, data in iter_members(stream, wanted_exts):
@@ -86,6 +88,7 @@ def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> 
                 sample = {}
             if not sample:
                 sample = {"__key__": key, "__url__": str(path)}
-            sample[ext] = data
+            if data is not None:
+                sample[ext] = data
     if sample:
         yield sample

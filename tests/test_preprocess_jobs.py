@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from cfrobust.datasets import open_dataset
+from cfrobust.datasets.synthetic import SyntheticDataset
 from cfrobust.errors import UserError
 from cfrobust.preprocess.pipeline import opencv_single_threaded, preprocess
 from cfrobust.shards.reader import EvalShards
@@ -64,6 +66,35 @@ def test_forked_workers_inherit_one_opencv_thread_and_never_set_it():
         assert pool.apply(cv2.getNumThreads) == 1
         assert pool.apply(_shrink_in_worker) == 100
     assert cv2.getNumThreads() == 2
+
+
+def test_spawned_workers_write_the_same_shards_with_one_opencv_thread(clean_run, tmp_path, monkeypatch):
+    from cfrobust.preprocess import pipeline
+
+    with multiprocessing.get_context("spawn").Pool(1, initializer=pipeline._one_opencv_thread) as pool:
+        assert pool.apply(cv2.getNumThreads) == 1
+    monkeypatch.setattr(pipeline.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    preprocess(synthetic(), tmp_path / "spawned", FILLS, shard_size=7, progress=False, workers=2)
+    assert files(tmp_path / "spawned") == files(clean_run)
+
+
+class _BrokenAt13(SyntheticDataset):
+    def make_record(self, split, index):
+        record = super().make_record(split, index)
+        return dataclasses.replace(record, problem="unreadable image") if index == 13 else record
+
+
+def test_a_strict_failure_stops_the_workers_and_restores_opencv_at_once(tmp_path):
+    cv2.setNumThreads(2)
+    dataset = _BrokenAt13(seed=5, sizes=SIZES, image_size=16)
+    try:
+        preprocess(dataset, tmp_path / "shards", FILLS, shard_size=7, progress=False, workers=3, strict=True)
+    except UserError as error:  # checked while the traceback (and its frames) is still alive
+        assert "unreadable image" in str(error)
+        assert cv2.getNumThreads() == 2
+        assert multiprocessing.active_children() == []
+    else:
+        pytest.fail("a bad record under --strict must stop the run")
 
 
 def _shrink_in_worker() -> int:

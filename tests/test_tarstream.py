@@ -8,6 +8,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
+from cfrobust.errors import UserError
+from cfrobust.shards.reader import iter_samples
 from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.shards.writer import ShardWriter
 
@@ -54,9 +56,22 @@ def test_wanted_extensions_skip_the_other_payloads(tmp_path, fmt):
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     kept = list(iter_tar_samples(path, {"jpg", "json"}))
-    # Long names of skipped members must not leak onto the next member, nor payloads shift.
+    # Long names of skipped members must not leak onto the next member, nor payloads shift;
+    # samples made only of skipped parts stay, bare, so a reader can say what they lack.
     assert [(s["__key__"], parts(s)) for s in kept] == [
         ("a/" + "k" * 150, {"jpg": b"abc", "json": b"{}"}),
+        ("b", {}),
         ("c", {"jpg": b"z" * 700}),
+        ("a/" + "k" * 150, {}),
         ("d", {"json": b"[]"}),
     ]
+
+
+def test_a_sample_with_only_unread_parts_is_named_by_the_reader(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as archive:
+        info = tarfile.TarInfo("lonely.mask.png")
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"png"))
+    with pytest.raises(UserError, match=r"s\.tar: sample lonely has no 'jpg' part"):
+        list(iter_samples([path], []))
