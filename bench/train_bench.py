@@ -1,15 +1,20 @@
 """Training throughput: the whole loop (shards -> loss -> step) against the bare model step.
 
     python bench/train_bench.py [--arch simple-cnn] [--size 64] [--batch 64] [--device cpu]
+                                [--workers 1] [--steps 20] [--repeats 3] [--block 5]
                                 [--terms erm,cf,f_mrand,f_fgsm,sal] [--json FILE]
 
 Measured in one run on the same machine: (a) the bare step, forward + backward + SGD step of the
 model on one in-memory batch of the same shape, repeated; (b) the full loop on built-in-dataset
-shards (DataLoader workers decoding JPEGs, device-side normalisation and masks, the objective,
-the step) for ERM and for each added term. Prints images/s (best of --repeats runs), each
-term's cost relative to the ERM loop, and loop/bare for ERM as the median of ratios between
-each ERM run and a bare-step run timed just before it (this machine's speed drifts). --json
-writes the figures for bench/gpu_check.sh.
+shards (the loader decoding JPEGs, device-side normalisation and masks, the objective, the
+step) for ERM and for each added term. This machine's speed drifts by tens of percent within
+minutes, so every loop timing is paired with a bare-step timing taken just before it, and the
+figures are medians over the pairs: with --workers 0, --repeats x --steps / --block
+alternating blocks of --block steps through one warm loop; with loader workers (which read
+ahead while the bare step runs), --repeats whole runs of --steps steps, each with a fresh
+loader warmed up untimed. Prints images/s, loop/bare for ERM (the median of the pairs'
+ratios, with their quartiles) and each term's time per image relative to the ERM loop.
+--json writes the figures for bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -62,44 +67,84 @@ def parts_for(config: TrainConfig, env: DistEnv) -> TrainingParts:
                          Precision(config.precision, env.device), generator, env, config)
 
 
-def bare_step(config: TrainConfig, env: DistEnv, size: int, steps: int, warmup: int) -> float:
-    """Images/s of forward + backward + step on one in-memory batch (no data, no objective)."""
-    model, _ = make_model(config, 2, env)
-    optimizer = make_optimizer(model, config)
-    precision = Precision(config.precision, env.device)
-    x = torch.randn(config.batch, 3, size, size, device=env.device)
-    y = torch.randint(0, 2, (config.batch,), device=env.device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(env)
-            start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        precision.backward(loss)
-        precision.step(optimizer)
-    sync(env)
-    return steps * config.batch / (time.perf_counter() - start)
+class BareSteps:
+    """Forward + backward + step of the model on one in-memory batch (no data, no objective)."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, size: int):
+        self.env, self.config = env, config
+        self.model, _ = make_model(config, 2, env)
+        self.optimizer = make_optimizer(self.model, config)
+        self.precision = Precision(config.precision, env.device)
+        self.x = torch.randn(config.batch, 3, size, size, device=env.device)
+        self.y = torch.randint(0, 2, (config.batch,), device=env.device)
+
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` steps."""
+        sync(self.env)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.precision.autocast():
+                loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+            self.precision.backward(loss)
+            self.precision.step(self.optimizer)
+        sync(self.env)
+        return time.perf_counter() - start
 
 
-def loop(config: TrainConfig, env: DistEnv, steps: int, warmup: int) -> float:
-    """Images/s of the real loop: shards through DataLoader workers, objective, step."""
-    parts = parts_for(config, env)
-    data = TrainShards(Path(config.shards) / "train", config.batch, [config.cf] if config.cf != "none" else [],
-                       seed=0, num_workers=config.workers)
-    done = 0
-    while done < warmup + steps:
-        for batch in make_loader(data, config.workers, pin_memory=env.device.type == "cuda"):
-            if done == warmup:
-                sync(env)
-                start = time.perf_counter()
-            optimizer_step(parts, batch.to(env.device, non_blocking=True))
-            done += 1
-            if done == warmup + steps:
-                break
-        data.set_epoch(data.epoch + 1)
-    sync(env)
-    return steps * config.batch / (time.perf_counter() - start)
+class LoopSteps:
+    """The real loop: shards through the loader (and its workers), objective, step; epochs
+    follow one another as in training."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv):
+        self.env, self.config = env, config
+        self.parts = parts_for(config, env)
+        cf = [config.cf] if config.cf != "none" else []
+        self.data = TrainShards(Path(config.shards) / "train", config.batch, cf, seed=0, num_workers=config.workers)
+        self.batches = self._endless()
+
+    def _endless(self):
+        while True:
+            batches = iter(make_loader(self.data, self.config.workers, pin_memory=self.env.device.type == "cuda"))
+            try:
+                yield from batches
+            finally:
+                del batches  # stops its workers now, before a later loader forks again
+            self.data.set_epoch(self.data.epoch + 1)
+
+    def close(self) -> None:
+        self.batches.close()
+
+    def run(self, steps: int) -> float:
+        sync(self.env)
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer_step(self.parts, next(self.batches).to(self.env.device, non_blocking=True))
+        sync(self.env)
+        return time.perf_counter() - start
+
+
+def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmup: int, pairs: int) -> list[tuple]:
+    """(bare seconds, loop seconds) for `steps` steps each, timed one after the other, `pairs`
+    times. Loader workers read ahead while the bare step runs, so with workers every pair
+    starts a fresh loader (warmed up untimed) and times a whole run; without them the loop
+    does nothing between its steps, and short alternating blocks of one warm loop pair up
+    bare and loop time within a second of each other."""
+    bare = BareSteps(config, env, size)
+    bare.run(warmup)
+    if config.workers == 0:
+        loop = LoopSteps(config, env)
+        loop.run(warmup)
+        times = [(bare.run(steps), loop.run(steps)) for _ in range(pairs)]
+        loop.close()
+        return times
+    times = []
+    for _ in range(pairs):
+        loop = LoopSteps(config, env)
+        loop.run(warmup)
+        times.append((bare.run(steps), loop.run(steps)))
+        loop.close()
+    return times
 
 
 def sync(env: DistEnv) -> None:
@@ -117,7 +162,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, help="untimed steps (default: until every loader worker's shuffle "
                         "buffer is full, so the timed steps read one sample per sample)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per term (with --workers > 0)")
+    parser.add_argument("--block", type=int, default=5, help="steps per timed block with --workers 0: "
+                        "--repeats x --steps / --block bare/loop block pairs per term")
     parser.add_argument("--terms", default=",".join(TERMS))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfrobust-train-bench")
     parser.add_argument("--json", type=Path)
@@ -129,32 +176,30 @@ def main() -> None:
     samples = args.batch * (args.steps + args.warmup) * 2
     shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch), args.workers)
     base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
-    # Each loop run is paired with a bare-step run just before it: this VM's speed drifts by
-    # tens of percent within minutes, and a ratio of neighbours cancels most of that.
-    bare: list[float] = []
-    loops: dict[str, list[float]] = {name: [] for name in args.terms.split(",")}
-    ratios: list[float] = []
-    for _ in range(args.repeats):
-        for name in loops:
-            bare.append(bare_step(TrainConfig(**base), env, args.size, args.steps, args.warmup))
-            loops[name].append(loop(TrainConfig(**base, **TERMS[name]), env, args.steps, args.warmup))
-            if name == "erm":
-                ratios.append(loops[name][-1] / bare[-1])
+    pairs = args.repeats if args.workers else args.repeats * args.steps // args.block
+    steps = args.steps if args.workers else args.block
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "arch": args.arch, "size": args.size, "batch": args.batch, "bare_images_per_s": max(bare), "loop": {}}
-    print(f"{args.arch} at {args.size} px, batch {args.batch}, {results['device']}, {args.workers} loader worker(s), "
-          f"best of {args.repeats}")
-    print(f"{'bare model step (in-memory batch)':40s} {max(bare):8.1f} images/s")
-    erm_speed = max(loops["erm"]) if "erm" in loops else None
-    for name, speeds in loops.items():
-        speed = results["loop"][name] = max(speeds)
+               "arch": args.arch, "size": args.size, "batch": args.batch, "workers": args.workers, "loop": {}}
+    over_bare, bare_times = {}, []
+    for name in args.terms.split(","):
+        times = paired_times(TrainConfig(**base, **TERMS[name]), env, args.size, steps, args.warmup, pairs)
+        over_bare[name] = [bare / loop for bare, loop in times]
+        bare_times += [bare for bare, _ in times]
+        results["loop"][name] = steps * args.batch / statistics.median(loop for _, loop in times)
+    results["bare_images_per_s"] = steps * args.batch / statistics.median(bare_times)
+    how = f"{pairs} runs of {steps} steps" if args.workers else f"{pairs} alternating blocks of {steps} steps"
+    print(f"{args.arch} at {args.size} px, batch {args.batch}, {results['device']}, {args.workers} loader worker(s); "
+          f"medians of {how}")
+    print(f"{'bare model step (in-memory batch)':40s} {results['bare_images_per_s']:8.1f} images/s")
+    for name, ratios in over_bare.items():
+        results.setdefault("over_bare", {})[name] = ratio = statistics.median(ratios)
         if name == "erm":
-            results["erm_over_bare"] = statistics.median(ratios)
-            note = (f"{results['erm_over_bare']:.2f}x the bare step (median of {len(ratios)} paired runs: "
-                    f"{', '.join(f'{r:.2f}' for r in ratios)})")
+            results["erm_over_bare"] = ratio
+            spread = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio, ratio, ratio]
+            note = f"{ratio:.2f}x the bare step (pairs' quartiles {spread[0]:.2f}-{spread[2]:.2f})"
         else:
-            note = f"{erm_speed / speed:.2f}x the ERM loop's time per image" if erm_speed else ""
-        print(f"{'loop ' + name:40s} {speed:8.1f} images/s   {note}")
+            note = f"{results['over_bare']['erm'] / ratio:.2f}x the ERM loop's time per image" if "erm" in over_bare else ""
+        print(f"{'loop ' + name:40s} {results['loop'][name]:8.1f} images/s   {note}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     sys.exit(0)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -99,10 +101,46 @@ def shard_keys(path: Path) -> list[str]:
 
 def iter_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]:
     """Decoded samples from tar files: image, counterfactuals, label, boxes, group, key."""
-    wanted = set(required_exts(cf_methods))  # the other parts (masks, unused fills) are skipped unread
+    for raw in iter_raw_samples(paths, cf_methods):
+        yield decode_sample(raw, cf_methods)
+
+
+def iter_raw_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]:
+    """Undecoded samples (bytes by part) carrying only the parts `cf_methods` need; the others
+    (masks, unused fills) are skipped unread."""
+    wanted = set(required_exts(cf_methods))
     for path in paths:
-        for raw in iter_tar_samples(path, wanted):
-            yield decode_sample(raw, cf_methods)
+        yield from iter_tar_samples(path, wanted)
+
+
+def decode_many(raws: list[dict], cf_methods: list[str]) -> list[dict]:
+    """decode_sample of each, in order. In the main process (--workers 0, eval) the batch is
+    cut into parts that helper threads decode beside the calling thread: OpenCV releases the
+    GIL while it decodes, and the training step's threads are idle while the loader runs. A
+    DataLoader worker decodes serially: the workers are already the parallelism."""
+    pool, threads = _decoder_pool()
+    if pool is None or len(raws) < 2 * threads:
+        return _decode_all(raws, cf_methods)
+    size = math.ceil(len(raws) / threads)
+    helped = [pool.submit(_decode_all, raws[i:i + size], cf_methods) for i in range(size, len(raws), size)]
+    return _decode_all(raws[:size], cf_methods) + [sample for future in helped for sample in future.result()]
+
+
+def _decode_all(raws: list[dict], cf_methods: list[str]) -> list[dict]:
+    return [decode_sample(raw, cf_methods) for raw in raws]
+
+
+_DECODER: dict = {}
+
+
+def _decoder_pool() -> tuple[ThreadPoolExecutor | None, int]:
+    """The helper threads of this process and how many threads decode in all (helpers + caller)."""
+    threads = min(4, torch.get_num_threads())
+    if get_worker_info() is not None or threads < 2:
+        return None, 1
+    if _DECODER.get("key") != (os.getpid(), threads):  # threads do not survive a fork
+        _DECODER.update(key=(os.getpid(), threads), pool=ThreadPoolExecutor(threads - 1, thread_name_prefix="cfrobust-decode"))
+    return _DECODER["pool"], threads
 
 
 def decode_sample(raw: dict, cf_methods: list[str]) -> dict:
@@ -244,16 +282,21 @@ class TrainShards(IterableDataset):
         names = shard_order([s["name"] for s in self.info["shards"]], self.seed, self.epoch)
         paths = [self.split_dir / n for n in shards_for_worker(names, global_worker, total)]
         rng = np.random.default_rng([self.seed, self.epoch, global_worker])
-        samples = _shuffled(self._stream(paths), self.shuffle_buffer, rng)
+        # Shuffling undecoded samples keeps the buffer small (JPEG bytes, not pixels); the
+        # decode happens per batch, so the order is the same as shuffling decoded samples.
+        raws = _shuffled(self._raw_stream(paths), self.shuffle_buffer, rng)
         for _ in range(self.per_worker):
-            chunk = [next(samples) for _ in range(self.batch_size)]
-            yield collate(chunk)
+            yield collate(self._decoded([next(raws) for _ in range(self.batch_size)]))
 
-    def _stream(self, paths: list[Path]) -> Iterator[dict]:
-        samples = iter_samples(paths, self.cf_methods)
+    def _raw_stream(self, paths: list[Path]) -> Iterator[dict]:
+        raws = iter_raw_samples(paths, self.cf_methods)
         if self.experiment is None:
-            return samples
-        return (self.experiment.apply(s) for s in samples if self.experiment.keeps(s["key"]))
+            return raws
+        return (raw for raw in raws if self.experiment.keeps(raw["__key__"]))
+
+    def _decoded(self, raws: list[dict]) -> list[dict]:
+        samples = decode_many(raws, self.cf_methods)
+        return samples if self.experiment is None else [self.experiment.apply(s) for s in samples]
 
 
 class EvalShards(IterableDataset):
@@ -273,14 +316,9 @@ class EvalShards(IterableDataset):
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
         names = [s["name"] for s in self.info["shards"]]
         mine = shards_for_worker(names, self.rank * num_workers + worker, self.world_size * num_workers)
-        chunk: list[dict] = []
-        for sample in iter_samples([self.split_dir / n for n in mine], []):
-            chunk.append(sample)
-            if len(chunk) == self.batch_size:
-                yield collate(chunk)
-                chunk = []
-        if chunk:
-            yield collate(chunk)
+        raws = iter_raw_samples([self.split_dir / n for n in mine], [])
+        while chunk := list(itertools.islice(raws, self.batch_size)):
+            yield collate(decode_many(chunk, []))
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cfrobust.datasets.synthetic import CLASSES
 from cfrobust.errors import UserError
 from cfrobust.preprocess.fills import fill_mean, fill_tile
 from cfrobust.preprocess.pipeline import RecordError, check_box, make_sample, preprocess
+from cfrobust.shards import reader
 from cfrobust.shards.manifest import list_splits, read_info, write_info
 from cfrobust.shards.reader import (
     Batch,
@@ -30,6 +32,9 @@ from cfrobust.shards.reader import (
     TrainShards,
     batches_per_worker,
     collate,
+    decode_many,
+    decode_sample,
+    iter_raw_samples,
     iter_samples,
     make_loader,
     shard_order,
@@ -664,3 +669,49 @@ def test_train_through_a_dataloader_with_two_workers(shards):
     assert len(keys) == 36 and len(set(keys)) == 36
     ds.set_epoch(1)
     assert len(list(make_loader(ds, num_workers=2))) == len(ds)
+
+
+# ---------------------------------------------------------------- batch decoding
+
+
+def test_threaded_decoding_equals_serial_and_uses_the_helper_threads(shards, monkeypatch):
+    out, _ = shards
+    raws = list(iter_raw_samples(sorted((out / "train").glob("*.tar")), CF))[:10]
+    serial = [decode_sample(raw, CF) for raw in raws]
+    threads_seen = set()
+
+    def recording(raw, cf_methods):
+        threads_seen.add(threading.current_thread().name.split("_")[0])
+        return decode_sample(raw, cf_methods)
+
+    monkeypatch.setattr(reader, "decode_sample", recording)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller + 2 helpers: parts of 4, 4 and 2 samples
+    try:
+        threaded = decode_many(raws, CF)
+    finally:
+        torch.set_num_threads(previous)
+    assert threads_seen == {"MainThread", "cfrobust-decode"}
+    assert [s["key"] for s in threaded] == [s["key"] for s in serial]
+    for mine, theirs in zip(threaded, serial):
+        assert np.array_equal(mine["image"], theirs["image"])
+        assert all(np.array_equal(mine["cf"][m], theirs["cf"][m]) for m in CF)
+        assert (mine["label"], mine["boxes"], mine["group"]) == (theirs["label"], theirs["boxes"], theirs["group"])
+
+
+def test_a_bad_sample_in_a_helper_thread_is_reported_by_the_caller(shards):
+    out, _ = shards
+    raws = list(iter_raw_samples(sorted((out / "train").glob("*.tar")), CF))[:8]
+    del raws[7]["jpg"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(UserError, match=rf"sample {raws[7]['__key__']} has no 'jpg' part"):
+            decode_many(raws, CF)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_loader_workers_decode_serially(monkeypatch):
+    monkeypatch.setattr(reader, "get_worker_info", lambda: object())
+    assert reader._decoder_pool() == (None, 1)
