@@ -126,8 +126,9 @@ class LoopSteps:
 
 def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmup: int, pairs: int) -> list[tuple]:
     """(bare seconds, loop seconds) for `steps` steps each, timed one after the other, `pairs`
-    times. Loader workers read ahead while the bare step runs, so with workers every pair
-    starts a fresh loader (warmed up untimed) and times a whole run; without them the loop
+    times. Loader workers would read ahead while the bare step runs, so with workers every
+    pair times the bare run first, then starts a fresh loader (warmed up untimed) and times a
+    whole run; without them the loop
     does nothing between its steps, and short alternating blocks of one warm loop pair up
     bare and loop time within a second of each other."""
     bare = BareSteps(config, env, size)
@@ -140,9 +141,10 @@ def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmu
         return times
     times = []
     for _ in range(pairs):
+        bare_seconds = bare.run(steps)  # before the loader exists: its workers would read ahead
         loop = LoopSteps(config, env)
         loop.run(warmup)
-        times.append((bare.run(steps), loop.run(steps)))
+        times.append((bare_seconds, loop.run(steps)))
         loop.close()
     return times
 
@@ -173,11 +175,17 @@ def main() -> None:
     env = DistEnv(0, 1, 0, device)
     if args.warmup is None:
         args.warmup = shuffle_ramp_batches(args.batch, args.workers)
-    samples = args.batch * (args.steps + args.warmup) * 2
-    shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch), args.workers)
-    base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
+    if min(args.steps, args.repeats, args.block) < 1 or (args.workers == 0 and args.repeats * args.steps < args.block):
+        parser.error("--steps, --repeats and --block must give at least one timed block of at least one step")
     pairs = args.repeats if args.workers else args.repeats * args.steps // args.block
     steps = args.steps if args.workers else args.block
+    # One epoch holds every step a loader takes (each run's, or the one warm loop's), with room
+    # for the batches lost to rounding across shards and workers: no timed block meets an epoch's
+    # restart.
+    loop_steps = args.warmup + (steps if args.workers else pairs * steps)
+    samples = args.batch * (loop_steps + 2 * max(8, args.workers)) * 5 // 4
+    shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch), args.workers)
+    base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "arch": args.arch, "size": args.size, "batch": args.batch, "workers": args.workers, "loop": {}}
     over_bare, bare_times = {}, []
@@ -195,10 +203,11 @@ def main() -> None:
         results.setdefault("over_bare", {})[name] = ratio = statistics.median(ratios)
         if name == "erm":
             results["erm_over_bare"] = ratio
-            spread = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio, ratio, ratio]
+            spread = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratio] * 3
             note = f"{ratio:.2f}x the bare step (pairs' quartiles {spread[0]:.2f}-{spread[2]:.2f})"
         else:
-            note = f"{results['over_bare']['erm'] / ratio:.2f}x the ERM loop's time per image" if "erm" in over_bare else ""
+            erm = statistics.median(over_bare["erm"]) if "erm" in over_bare else None
+            note = f"{erm / ratio:.2f}x the ERM loop's time per image" if erm else ""
         print(f"{'loop ' + name:40s} {results['loop'][name]:8.1f} images/s   {note}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -14,6 +14,7 @@ import math
 import os
 import json
 import tarfile
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,11 @@ def decode_many(raws: list[dict], cf_methods: list[str]) -> list[dict]:
         return _decode_all(raws, cf_methods)
     size = math.ceil(len(raws) / threads)
     helped = [pool.submit(_decode_all, raws[i:i + size], cf_methods) for i in range(size, len(raws), size)]
-    return _decode_all(raws[:size], cf_methods) + [sample for future in helped for sample in future.result()]
+    try:
+        mine = _decode_all(raws[:size], cf_methods)
+    finally:
+        futures.wait(helped)  # even on an error, no helper is left mid-decode (a fork may follow)
+    return mine + [sample for future in helped for sample in future.result()]
 
 
 def _decode_all(raws: list[dict], cf_methods: list[str]) -> list[dict]:

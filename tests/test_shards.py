@@ -712,6 +712,23 @@ def test_a_bad_sample_in_a_helper_thread_is_reported_by_the_caller(shards):
         torch.set_num_threads(previous)
 
 
+def test_training_batches_do_not_depend_on_the_decoding_threads(shards):
+    out, _ = shards
+    previous = torch.get_num_threads()
+    found = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            batches = list(TrainShards(out / "train", 8, CF, SEED))
+        finally:
+            torch.set_num_threads(previous)
+        found.append([(b.keys, b.images, b.cf["tile"], b.boxes) for b in batches])
+    assert len(found[0]) == len(found[1]) == 4
+    for (keys, images, tiles, boxes), (keys3, images3, tiles3, boxes3) in zip(*found):
+        assert keys == keys3
+        assert torch.equal(images, images3) and torch.equal(tiles, tiles3) and torch.equal(boxes, boxes3)
+
+
 def test_loader_workers_decode_serially(monkeypatch):
     monkeypatch.setattr(reader, "get_worker_info", lambda: object())
     assert reader._decoder_pool() == (None, 1)
