@@ -128,9 +128,8 @@ def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmu
     """(bare seconds, loop seconds) for `steps` steps each, timed one after the other, `pairs`
     times. Loader workers would read ahead while the bare step runs, so with workers every
     pair times the bare run first, then starts a fresh loader (warmed up untimed) and times a
-    whole run; without them the loop
-    does nothing between its steps, and short alternating blocks of one warm loop pair up
-    bare and loop time within a second of each other."""
+    whole run; without them the loop does nothing between its steps, and short alternating
+    blocks of one warm loop pair up bare and loop time within a second of each other."""
     bare = BareSteps(config, env, size)
     bare.run(warmup)
     if config.workers == 0:

@@ -9,13 +9,13 @@ Evaluation: every shard goes to exactly one (rank, worker), so every sample is r
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import math
 import os
-import json
 import tarfile
 from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -135,17 +135,17 @@ def _decode_all(raws: list[dict], cf_methods: list[str]) -> list[dict]:
     return [decode_sample(raw, cf_methods) for raw in raws]
 
 
-_DECODER: dict = {}
-
-
-def _decoder_pool() -> tuple[ThreadPoolExecutor | None, int]:
+def _decoder_pool() -> tuple[futures.ThreadPoolExecutor | None, int]:
     """The helper threads of this process and how many threads decode in all (helpers + caller)."""
     threads = min(4, torch.get_num_threads())
     if get_worker_info() is not None or threads < 2:
         return None, 1
-    if _DECODER.get("key") != (os.getpid(), threads):  # threads do not survive a fork
-        _DECODER.update(key=(os.getpid(), threads), pool=ThreadPoolExecutor(threads - 1, thread_name_prefix="cfrobust-decode"))
-    return _DECODER["pool"], threads
+    return _helper_threads(os.getpid(), threads - 1), threads  # keyed by pid: threads do not survive a fork
+
+
+@functools.lru_cache(maxsize=None)
+def _helper_threads(pid: int, count: int) -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(count, thread_name_prefix="cfrobust-decode")
 
 
 def decode_sample(raw: dict, cf_methods: list[str]) -> dict:
@@ -207,7 +207,7 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generato
               initial: int = SHUFFLE_START) -> Iterator[dict]:
     """Buffer shuffle that starts yielding after `initial` samples and grows the buffer to
     `buffer_size` (two reads per yield), so an epoch's first batch is not held back by
-    decoding the whole buffer."""
+    reading the whole buffer."""
     buffer: list[dict] = []
     samples = iter(samples)
     for sample in samples:
