@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from cfrobust.errors import UserError
+from cfrobust.host_memory import retain_freed_memory
 
 
 @dataclass
@@ -53,6 +54,7 @@ def setup_distributed(device_option: str = "auto") -> DistEnv:
         # Processes on one machine share its cores; oversubscribing them slows every rank.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        retain_freed_memory()  # activations are host memory here: reuse them, step after step
     if world_size > 1 and not dist.is_initialized():
         init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world_size, local_rank, device)

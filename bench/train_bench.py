@@ -34,7 +34,7 @@ from cfrobust.datasets import open_dataset
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.reader import TrainShards, make_loader, shuffle_ramp_batches
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.distributed import DistEnv
+from cfrobust.distributed import DistEnv, setup_distributed
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimizer_step
@@ -170,8 +170,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfrobust-train-bench")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    env = DistEnv(0, 1, 0, device)
+    env = setup_distributed(args.device)  # the process set up as `cfrobust train` sets it up
+    device = env.device
     if args.warmup is None:
         args.warmup = shuffle_ramp_batches(args.batch, args.workers)
     if min(args.steps, args.repeats, args.block) < 1 or (args.workers == 0 and args.repeats * args.steps < args.block):

@@ -1,0 +1,52 @@
+"""CPU processes keep freed activation-sized buffers instead of handing them back to the OS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cfrobust import host_memory
+
+GLIBC = host_memory._glibc() is not None
+
+# Allocates and frees 96 MB (above glibc's largest adaptive mmap threshold, 32 MiB), then prints
+# how much of it is still resident.
+CHILD = """
+import os, sys
+import numpy as np
+from cfrobust.host_memory import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "retain" else False
+page = os.sysconf("SC_PAGE_SIZE")
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+before = resident()
+block = np.ones(96 << 20, np.uint8)
+del block
+print(applied, (resident() - before) >> 20)
+"""
+
+
+def child_run(mode: str, env: dict) -> tuple[str, int]:
+    output = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, check=True,
+                            capture_output=True, text=True).stdout.split()
+    return output[0], int(output[1])
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS}
+    return {**env, **extra}
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+def test_a_freed_large_buffer_stays_resident_once_retained_and_goes_back_otherwise():
+    assert child_run("retain", clean_env()) == ("True", 96)
+    assert child_run("system", clean_env()) == ("False", 0)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+@pytest.mark.parametrize("name, value", [("CFROBUST_SYSTEM_MALLOC", "1"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
+                                         ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")])
+def test_the_users_own_malloc_settings_are_left_alone(name, value):
+    assert child_run("retain", clean_env(**{name: value})) == ("False", 0)
