@@ -111,24 +111,32 @@ def test_other_class_partner_picks_a_different_class_whenever_one_exists():
     assert (same != torch.arange(3)).all()
 
 
-def test_mrand_keeps_the_object_and_takes_the_other_class_tiled_background():
+def test_mrand_keeps_the_object_on_the_other_class_real_background_with_its_object_tiled_over():
     images = torch.zeros(2, 3, 6, 6)
     images[0] = 1.0
-    images[0, :, 1:3, 1:3] = 5.0  # object of image 0
+    images[0, :, 1:3, 1:3] = 7.0  # object of image 0
     images[1] = torch.arange(6.0).view(1, 6, 1)  # row r holds value r
-    images[1, :, 3:6, 0:6] = 9.0  # object of image 1 spans rows 3..5
-    boxes = torch.tensor([[[1.0, 1.0, 3.0, 3.0]], [[0.0, 3.0, 6.0, 6.0]]])
+    images[1, :, 1:3, 0:6] = 9.0  # object of image 1 spans rows 1..2
+    boxes = torch.tensor([[[1.0, 1.0, 3.0, 3.0]], [[0.0, 1.0, 6.0, 3.0]]])
     holes = box_masks(boxes, torch.ones(2, 1, dtype=torch.bool), 6, 6)
     out = mrand(images, holes, torch.tensor([0, 1]))
-    # Image 0 keeps its object; outside it, image 1's free rows 0..2 tiled: row r -> r % 3.
-    assert torch.equal(out[0, :, 1:3, 1:3], torch.full((3, 2, 2), 5.0))
-    expected_rows = torch.tensor([0.0, 1, 2, 0, 1, 2])
+    # Image 0 keeps its object. Around it: image 1's own rows 0 and 3..5, and in image 1's hole
+    # (rows 1..2) its widest free band, rows 3..5, tiled from the top: row r -> 3 + r % 3.
+    assert torch.equal(out[0, :, 1:3, 1:3], torch.full((3, 2, 2), 7.0))
+    expected_rows = torch.tensor([0.0, 4, 5, 3, 4, 5]).view(6, 1).expand(6, 6)
     outside = ~holes[0, 0]
-    assert torch.equal(out[0, 0][outside], expected_rows.view(6, 1).expand(6, 6)[outside])
-    # Image 1 keeps its object; its background comes from image 0 (all 1.0 outside 0's box:
-    # the widest free band of image 0 is rows 3..5, tiled).
-    assert torch.equal(out[1, :, 3:6], torch.full((3, 3, 6), 9.0))
-    assert torch.equal(out[1, :, 0:3], torch.ones(3, 3, 6))
+    assert torch.equal(out[0, 0][outside], expected_rows[outside])
+    # Image 1 keeps its object; image 0's background is 1.0, its object tiled over with 1.0.
+    assert torch.equal(out[1, :, 1:3], torch.full((3, 2, 6), 9.0))
+    assert torch.equal(out[1, :, 0], torch.ones(3, 6))
+    assert torch.equal(out[1, :, 3:6], torch.ones(3, 3, 6))
+
+
+def test_mrand_with_a_single_class_leaves_a_zero_background():
+    images = torch.randn(3, 3, 6, 6)
+    holes = box_masks(torch.tensor([[[1.0, 1.0, 4.0, 4.0]]]).expand(3, 1, 4), torch.ones(3, 1, dtype=torch.bool), 6, 6)
+    out = mrand(images, holes, torch.tensor([2, 2, 2]))
+    assert torch.equal(out, torch.where(holes, images, torch.zeros(())))
 
 
 def _batch(cf_methods=("tile",), boxed=(True, True, True, True)) -> Batch:

@@ -76,6 +76,14 @@ def test_resume_with_other_options_is_refused(tiny_shards, tmp_path):
         train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, lr=0.1))
 
 
+def test_resume_with_another_loader_stream_is_refused(tiny_shards, tmp_path):
+    # Batches per epoch depend on processes x loader workers; --workers 0 and 1 read alike.
+    first = train(config_of(tiny_shards, tmp_path / "run", epochs=1, workers=0))
+    with pytest.raises(UserError, match=r"as 1 process\(es\) x 1 loader worker\(s\); resume it with the same \(now 1 x 2\)"):
+        train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, workers=2))
+    assert train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, workers=1))["splits"] == first["splits"]
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tiny_shards, tmp_path):
     document = train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True))
     assert document["best_epoch"] == 1

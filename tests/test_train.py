@@ -181,7 +181,8 @@ def test_torchrun_max_restarts_resumes_a_killed_rank_to_the_same_weights(tiny_sh
     from the last mid-epoch checkpoint and end where an uninterrupted run ends."""
     worker = Path(__file__).with_name("crash_once_train.py")
     args = ["--shards", str(tiny_shards), "--arch", "simple-cnn", "--epochs", "2", "--batch", "8", "--workers", "1",
-            "--device", "cpu", "--cf", "tile", "--reg", "bbox_o", "--lr", "0.05", "--save-every", "2", "--resume"]
+            "--device", "cpu", "--cf", "tile", "--f", "mrand", "--reg", "bbox_o", "--lr", "0.05", "--save-every", "2",
+            "--resume"]  # mrand draws from each rank's own generator: the resumed ranks must get theirs back
     marker = tmp_path / "crashed"
 
     def torchrun(out: Path, crash_at: int) -> None:

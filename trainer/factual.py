@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cfrobust.trainer.fills import online_random, pixel_units, to_normalized
+from cfrobust.trainer.fills import online_random, online_tile, pixel_units, to_normalized
 from cfrobust.trainer.module_modes import evaluation_mode, unwrap
-from cfrobust.trainer.pixels import normalized_range, tiled_backgrounds
+from cfrobust.trainer.pixels import normalized_range
 
 
 def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -27,11 +27,14 @@ def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None 
 
 
 def mrand(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
-    """The object on the background of an image of another class, tiled from that image's
-    largest object-free band so the other object's shape does not come along (official `mrand`)."""
+    """The object on the real background of an image of another class in the batch, whose own
+    object is tile-filled (a box-shaped hole) so that its shape does not come along; with a
+    single class in the batch there is no other background, and it stays 0 (official `mrand`:
+    FactualMixedRandomTileInpainter)."""
+    if bool((labels == labels[0]).all()):
+        return images.masked_fill(~holes, 0.0)
     partner = other_class_partner(labels, generator)
-    backgrounds = tiled_backgrounds(images, holes)[partner]
-    return torch.where(holes, images, backgrounds)
+    return torch.where(holes, images, online_tile(images, holes)[partner])
 
 
 def random_background(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import output_size
-from cfrobust.distributed import DistEnv, setup_distributed, sync_buffers, teardown_distributed
+from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model
@@ -95,8 +95,9 @@ def train_in(env: DistEnv, config: TrainConfig):
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
 
     def save_mid_epoch() -> None:  # --save-every: rank 0 records where the epoch stands
+        saved = checkpoint_state(model, parts, info, state)  # every rank: it gathers their RNG states
         if env.is_main:
-            save_checkpoint(out / "checkpoints" / "last.pt", checkpoint_state(model, parts, info, state))
+            save_checkpoint(out / "checkpoints" / "last.pt", saved)
 
     with TrainLog(out, config, env.is_main) as log:
         for epoch in range(state.epoch, config.epochs):
@@ -117,8 +118,9 @@ def train_in(env: DistEnv, config: TrainConfig):
                 best_weights = copy.deepcopy(model.state_dict())
             state.epoch, state.batches_done = epoch + 1, 0
             state.metrics.append(record)
+            saved = checkpoint_state(model, parts, info, state)
             if env.is_main:
-                save_epoch(out, state, checkpoint_state(model, parts, info, state), is_best=improved)
+                save_epoch(out, state, saved, is_best=improved)
             log.epoch_done(record)
     model.load_state_dict(best_weights)
     eval_splits = [s for s in splits if s != "train"]
@@ -298,6 +300,8 @@ def prepare_run_folder(out: Path, config: TrainConfig, resuming: bool) -> None:
 
 
 def checkpoint_state(model, parts: TrainingParts, info: dict, state: RunState) -> dict:
+    """The checkpoint of the run as it stands. Call it on every rank: each rank's augmentation
+    generator differs and the checkpoint keeps them all, with the stream's shape."""
     return {
         "model": model.state_dict(),
         "optimizer": parts.optimizer.state_dict(),
@@ -308,8 +312,15 @@ def checkpoint_state(model, parts: TrainingParts, info: dict, state: RunState) -
         "state": asdict(state),
         "config": parts.config.to_dict(),
         "classes": list(info["classes"]),
-        "rng": {"torch": torch.get_rng_state(), "augment": parts.generator.get_state()},
+        "rng": {"torch": torch.get_rng_state(), "augment": gather_objects(parts.generator.get_state(), parts.env)},
+        "stream": stream_shape(parts),
     }
+
+
+def stream_shape(parts: TrainingParts) -> dict:
+    """What fixes the batches of an epoch: a resumed run must read the same stream to skip the
+    batches already done and keep the schedule's length."""
+    return {"world_size": parts.env.world_size, "workers": max(1, parts.config.workers)}  # 0 reads as 1 does
 
 
 def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
@@ -318,17 +329,27 @@ def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
     changed = sorted(k for k, v in saved["config"].items() if k not in RESUMABLE and parts.config.to_dict().get(k) != v)
     if changed:
         raise UserError(f"{path}: the run was made with other options ({', '.join(changed)}); resume with the same ones")
+    check_same_stream(path, saved.get("stream"), stream_shape(parts))
     model.load_state_dict(saved["model"])
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.schedule.load_state_dict(saved["scheduler"])
     if parts.precision.scaler and saved["scaler"]:
         parts.precision.scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng"]["torch"])
-    parts.generator.set_state(saved["rng"]["augment"])
+    augment = saved["rng"]["augment"]  # one state per rank (a single one before they were gathered)
+    parts.generator.set_state(augment[parts.env.rank] if isinstance(augment, list) else augment)
     state = RunState(**saved["state"])
     best_path = path.with_name("best.pt")
     best = load_checkpoint(best_path)["model"] if best_path.is_file() else copy.deepcopy(model.state_dict())
     return state, best
+
+
+def check_same_stream(path: Path, saved: dict | None, now: dict) -> None:
+    if saved is not None and saved != now:
+        raise UserError(
+            f"{path}: the run read its shards as {saved['world_size']} process(es) x {saved['workers']} loader worker(s); "
+            f"resume it with the same (now {now['world_size']} x {now['workers']}): the batches of an epoch depend on both"
+        )
 
 
 RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every", "tensorboard", "quiet"}  # may differ between the two runs
