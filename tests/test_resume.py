@@ -96,7 +96,7 @@ def test_preset_values_yield_to_explicit_options(tiny_shards, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
     assert (config["optimizer"], config["lr"], config["momentum"], config["weight_decay"]) == ("sgd", 8e-4, 0.9, 1e-4)
-    assert (config["scheduler"], config["epochs"], config["batch"]) == ("plateau", 1, 16)
+    assert (config["scheduler"], config["epochs"], config["batch"], config["clip_grad"]) == ("plateau", 1, 16, 1.0)
 
 
 def test_step_schedule_decays_at_the_milestone_epochs():
@@ -147,6 +147,23 @@ def test_chunks_cover_the_batch_in_order():
     chunks = batch.chunks(2)
     assert [c.labels.tolist() for c in chunks] == [[0, 1], [2, 3, 4]]
     assert [c.keys for c in chunks] == [["v", "w"], ["x", "y", "z"]]
+
+
+def test_clipping_scales_the_whole_gradient_to_the_given_norm():
+    weights = torch.nn.Parameter(torch.zeros(2))
+    bias = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weights, bias], lr=1.0)
+    weights.grad, bias.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # global norm 5
+    Precision("32", torch.device("cpu")).step(optimizer, clip_norm=1.0)
+    assert torch.allclose(weights.detach(), torch.tensor([-0.6, 0.0])) and torch.allclose(bias.detach(), torch.tensor([-0.8]))
+    weights.grad, bias.grad = torch.tensor([0.3, 0.0]), torch.tensor([0.4])  # norm 0.5: left alone
+    Precision("32", torch.device("cpu")).step(optimizer, clip_norm=1.0)
+    assert torch.allclose(weights.detach(), torch.tensor([-0.9, 0.0])) and torch.allclose(bias.detach(), torch.tensor([-1.2]))
+
+
+def test_a_negative_clip_norm_is_refused(tiny_shards, tmp_path):
+    with pytest.raises(UserError, match=r"--clip-grad -1: a gradient norm cannot be negative"):
+        train(config_of(tiny_shards, tmp_path / "run", clip_grad=-1.0))
 
 
 def test_fp16_needs_a_gpu():

@@ -18,10 +18,10 @@ REG_GRADS = ("grad_y", "grad_sum", "grad_logp_y", "grad_logp_sum", "deeplift", "
 
 # The official code's hyperparameters per dataset (the paper's appendix and its training scripts).
 PRESETS = {
-    "waterbirds": dict(optimizer="sgd", lr=8e-4, momentum=0.9, weight_decay=1e-4, epochs=40, batch=32, scheduler="plateau"),
-    "in9": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=25, scheduler="step", milestones="6,12,18"),
-    "in9l": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=20, scheduler="step", milestones="5,10,15"),
-    "cct": dict(optimizer="rmsprop", lr=0.003, epochs=50, batch=64),
+    "waterbirds": dict(optimizer="sgd", lr=8e-4, momentum=0.9, weight_decay=1e-4, epochs=40, batch=32, scheduler="plateau", clip_grad=1.0),
+    "in9": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=25, scheduler="step", milestones="6,12,18", clip_grad=1.0),
+    "in9l": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=20, scheduler="step", milestones="5,10,15", clip_grad=1.0),
+    "cct": dict(optimizer="rmsprop", lr=0.003, epochs=50, batch=64, clip_grad=1.0),
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
 
@@ -47,6 +47,9 @@ class TrainConfig:
     scheduler: str = option("cosine", "cosine (per step, to 0), step (x gamma at --milestones epochs), plateau (val loss), none.", ("cosine", "step", "plateau", "none"))
     milestones: str = option("", "step scheduler: comma-separated epochs, e.g. 6,12,18.")
     gamma: float = option(0.1, "step/plateau scheduler: decay factor.")
+    clip_grad: float = option(
+        0.0, "Clip the global gradient norm to this before each step (0: off; the presets clip at 1, as the official code)."
+    )
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), 32, bf16, or 16 (fp16 with a grad scaler).", ("auto", "32", "bf16", "16"))
     seed: int = option(0, "Seed for initialisation, shard order and augmentation.")
     workers: int = option(2, "DataLoader worker processes per training process.")

@@ -163,7 +163,14 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer) -> None:
+    def step(self, optimizer, clip_norm: float = 0.0) -> None:
+        """The optimizer step, after clipping the gradients' global norm to `clip_norm` (if > 0;
+        under fp16 on the unscaled gradients)."""
+        if clip_norm > 0:
+            if self.scaler:
+                self.scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -215,7 +222,7 @@ def optimizer_step(parts: TrainingParts, batch):
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() * weight
         all_logits.append(logits)
-    parts.precision.step(parts.optimizer)
+    parts.precision.step(parts.optimizer, parts.config.clip_grad)
     parts.schedule.after_step()
     return totals, torch.cat(all_logits), batch
 
@@ -276,6 +283,8 @@ def check_config(config: TrainConfig, info: dict) -> None:
         )
     if config.epochs < 1 or config.batch < 1 or config.batch_split < 1:
         raise UserError("--epochs, --batch and --batch-split must be at least 1")
+    if config.clip_grad < 0:
+        raise UserError(f"--clip-grad {config.clip_grad:g}: a gradient norm cannot be negative (0 turns clipping off)")
     if not (0 < config.data_ratio <= 1 and 0 <= config.box_fraction <= 1 and 0 <= config.bbox_noise <= 1):
         raise UserError("--data-ratio must lie in (0, 1], --box-fraction and --bbox-noise in [0, 1]")
 
