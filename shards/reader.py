@@ -49,6 +49,11 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking), slice(None))
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (DataLoader(pin_memory=True) calls this), so that the copies to the
+        GPU with non_blocking=True really overlap."""
+        return self._map(lambda t: t.pin_memory(), slice(None))
+
     def chunks(self, count: int) -> list["Batch"]:
         """The batch cut into `count` nearly equal parts (gradient accumulation)."""
         bounds = [round(i * len(self) / count) for i in range(count + 1)]

@@ -249,6 +249,15 @@ def test_attacks_run_in_eval_mode_and_leave_running_statistics_alone():
     assert torch.equal(model.net[1].running_mean, stats)
 
 
+def test_grad_cam_runs_batchnorm_in_eval_mode_and_leaves_running_statistics_alone():
+    x, _, y = _object_scene()
+    model = ModeProbe().train()
+    stats = model.net[1].running_mean.clone()
+    grad_cam(model, x, y)
+    assert model.modes == [False] and model.training and model.net[1].training
+    assert torch.equal(model.net[1].running_mean, stats)
+
+
 def test_pgd_stays_in_the_eps_ball_outside_the_object():
     x, holes, y = _object_scene()
     config = TrainConfig(f_eps=0.3, f_steps=3)
@@ -452,6 +461,15 @@ def test_gs_by_hand():
     assert penalty.item() == pytest.approx(((1 - cos_0) + (1 - cos_1)) / 2, rel=1e-6)
     second = gradient_supervision_penalty(grads, holes, torch.tensor([False, True]), inputs=x, counterfactuals=x_cf[1:])
     assert second.item() == pytest.approx(1 - cos_1, rel=1e-6)
+
+
+def test_gs_counts_a_one_channel_map_once_per_colour_channel():
+    # A grad_cam map [B, 1, H, W] against a 3-channel x - x_cf: aligned everywhere means cos 1.
+    grads = torch.ones(1, 1, 2, 2)
+    x, x_cf = torch.full((1, 3, 2, 2), 2.0), torch.ones(1, 3, 2, 2)
+    holes = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    penalty = gradient_supervision_penalty(grads, holes, torch.tensor([True]), inputs=x, counterfactuals=x_cf)
+    assert penalty.item() == pytest.approx(1 - 12 / (math.sqrt(12) * math.sqrt(12) + 1e-8), abs=1e-7)
 
 
 def test_objective_gs_compares_the_input_gradient_with_x_minus_x_cf():

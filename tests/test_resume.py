@@ -149,6 +149,20 @@ def test_chunks_cover_the_batch_in_order():
     assert [c.keys for c in chunks] == [["v", "w"], ["x", "y", "z"]]
 
 
+def test_the_loaders_pinning_reaches_every_tensor_of_a_batch(monkeypatch):
+    # No GPU here to pin for: a stand-in pin_memory marks each tensor it copies.
+    from torch.utils.data._utils.pin_memory import pin_memory
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *args: pinned.append(t) or t.clone())
+    batch = Batch(images=torch.ones(2, 3, 2, 2, dtype=torch.uint8), labels=torch.arange(2), boxes=torch.zeros(2, 1, 4),
+                  box_valid=torch.ones(2, 1, dtype=torch.bool), cf={"tile": torch.zeros(2, 3, 2, 2, dtype=torch.uint8)},
+                  groups=["a", "b"], keys=["k0", "k1"])
+    out = pin_memory(batch)
+    assert isinstance(out, Batch) and len(pinned) == 5
+    assert torch.equal(out.images, batch.images) and out.images is not batch.images
+    assert torch.equal(out.cf["tile"], batch.cf["tile"]) and out.keys == ["k0", "k1"]
+
+
 def test_clipping_scales_the_whole_gradient_to_the_given_norm():
     weights = torch.nn.Parameter(torch.zeros(2))
     bias = torch.nn.Parameter(torch.zeros(1))
@@ -159,6 +173,11 @@ def test_clipping_scales_the_whole_gradient_to_the_given_norm():
     weights.grad, bias.grad = torch.tensor([0.3, 0.0]), torch.tensor([0.4])  # norm 0.5: left alone
     Precision("32", torch.device("cpu")).step(optimizer, clip_norm=1.0)
     assert torch.allclose(weights.detach(), torch.tensor([-0.9, 0.0])) and torch.allclose(bias.detach(), torch.tensor([-1.2]))
+
+
+def test_fp16_with_a_saliency_penalty_is_refused(tiny_shards, tmp_path):
+    with pytest.raises(UserError, match=r"--precision 16 with --reg: .* use --precision bf16 or 32"):
+        train(config_of(tiny_shards, tmp_path / "run", precision="16"))
 
 
 def test_a_negative_clip_norm_is_refused(tiny_shards, tmp_path):

@@ -93,6 +93,7 @@ def gradient_supervision_penalty(
     if len(g) == 0:
         return grads.sum() * 0.0
     diff = inputs[has_box] - counterfactuals
+    g = g.expand_as(diff)  # a one-channel map (grad_cam) counts once per colour channel, so |cos| <= 1
     dims = tuple(range(1, g.ndim))
     cosine = (g * diff).sum(dim=dims) / (g.square().sum(dim=dims).sqrt() * diff.square().sum(dim=dims).sqrt() + 1e-8)
     loss = (1 - cosine).mean()

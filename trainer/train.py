@@ -261,8 +261,9 @@ def save_epoch(out: Path, state: RunState, checkpoint: dict, is_best: bool) -> N
     """Checkpoint, best copy, and metrics.jsonl rewritten from the state (so a resumed run's log
     holds each epoch exactly once, whenever the crash came)."""
     save_checkpoint(out / "checkpoints" / "last.pt", checkpoint)
-    if is_best:
-        shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt")
+    if is_best:  # copied under a temporary name, then renamed: best.pt is never half-written
+        shutil.copyfile(out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt.tmp")
+        (out / "checkpoints" / "best.pt.tmp").replace(out / "checkpoints" / "best.pt")
     tmp = out / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(record) + "\n" for record in state.metrics))
     tmp.replace(out / "metrics.jsonl")
@@ -283,6 +284,9 @@ def check_config(config: TrainConfig, info: dict) -> None:
         )
     if config.epochs < 1 or config.batch < 1 or config.batch_split < 1:
         raise UserError("--epochs, --batch and --batch-split must be at least 1")
+    if config.precision == "16" and config.reg != "none":
+        raise UserError("--precision 16 with --reg: the saliency map's gradients are not loss-scaled and can "
+                        "underflow to 0 in fp16; use --precision bf16 or 32")
     if config.clip_grad < 0:
         raise UserError(f"--clip-grad {config.clip_grad:g}: a gradient norm cannot be negative (0 turns clipping off)")
     if not (0 < config.data_ratio <= 1 and 0 <= config.box_fraction <= 1 and 0 <= config.bbox_noise <= 1):
