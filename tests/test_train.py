@@ -15,6 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from cfrobust.cli.main import cli
+from cfrobust.datasets import open_dataset
+from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.config import CF_FILLS, CF_LOSSES, FACTUAL_MODES, REG_GRADS, REGULARIZERS, TrainConfig
 from cfrobust.trainer.models import build_model
@@ -80,6 +82,15 @@ def test_best_checkpoint_follows_validation_accuracy(tiny_shards, tmp_path):
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert best["epoch"] == best_epoch and last["epoch"] == 3
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["best_epoch"] == best_epoch
+
+
+def test_an_empty_val_split_leaves_the_last_epoch_best(tmp_path):
+    dataset = open_dataset("synthetic", seed=1, sizes=(32, 0, 16), image_size=32)
+    preprocess(dataset, tmp_path / "shards", ["tile"], shard_size=16, progress=False)
+    document = train(tiny_config(tmp_path / "shards", tmp_path / "run", epochs=2, batch=16))
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("val" in r, r["epoch"]) for r in records] == [(False, 1), (False, 2)]
+    assert document["best_epoch"] == 2 and document["splits"]["val"] == {"n": 0} and document["splits"]["test"]["n"] == 16
 
 
 def test_cli_train_then_eval_reproduces_the_run_figures(tiny_shards, tmp_path):

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cfrobust.errors import UserError
 from cfrobust.shards.experiments import DataExperiment
-from cfrobust.shards.manifest import list_splits
+from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import TrainConfig
@@ -91,7 +91,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     state, best_weights = RunState(), None
     if checkpoint is not None:
         state, best_weights = restore(checkpoint, model, parts)
-    select_on = selection_split(splits)
+    select_on = selection_split([s for s in splits if read_info(Path(config.shards) / s)["num_samples"] > 0])
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
 
     def save_mid_epoch() -> None:  # --save-every: rank 0 records where the epoch stands
@@ -238,7 +238,8 @@ def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
 
 
 def selection_split(splits: list[str]) -> str | None:
-    """The split that picks best.pt: `val`, else the first `*val` split (CCT's cis_val), else none."""
+    """The split that picks best.pt: `val`, else the first `*val` split (CCT's cis_val), else none
+    (the caller passes only the splits that hold samples)."""
     if "val" in splits:
         return "val"
     return next((s for s in splits if s.endswith("val")), None)
