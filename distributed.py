@@ -35,7 +35,10 @@ class DistEnv:
 def choose_device(option: str, local_rank: int) -> torch.device:
     if option == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(option)
+    try:
+        device = torch.device(option)
+    except RuntimeError:
+        raise UserError(f"--device {option}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {option}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None:

@@ -6,3 +6,13 @@ The CLI prints these as a single line without a traceback; everything else is a 
 
 class UserError(Exception):
     """Bad input: the message names the file, record or option at fault."""
+
+
+def user_message(error: UserError) -> str:
+    """The message to show. A UserError raised in a DataLoader worker reaches the main process
+    re-raised with the worker's whole traceback as its text; its own message is the last line."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(f"{UserError.__module__}.{UserError.__name__}: ", 1)[-1]

@@ -11,6 +11,7 @@ DEMO_RUNS = {
     "erm": {},
     "method": {"cf": "tile", "f": "mrand", "reg": "bbox_o", "reg_grad": "grad_y", "reg_coeff": 1000.0},
 }
+DEMO_FILES = {"shards", *DEMO_RUNS, "summary.md"}  # what --overwrite may replace
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -18,21 +19,24 @@ DEMO_RUNS = {
 @click.option("--seed", default=0, show_default=True, help="Seed of the dataset and of both runs.")
 @click.option("--epochs", default=8, show_default=True, help="Training epochs of each run.")
 @click.option("--workers", default=1, show_default=True, help="DataLoader workers per run.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo's OUT (a folder holding anything else is refused).")
 def demo(out, seed, epochs, workers, overwrite) -> None:
     """Run the whole flow on the built-in dataset (shapes whose background agrees with the
     label in 95% of training images): an ERM baseline and CF(tile) + F(mrand) + Sal(bbox_o),
     compared on test accuracy and worst-group accuracy. About 4 minutes on 2 CPU cores."""
     from cfrobust.datasets import open_dataset
     from cfrobust.errors import UserError
+    from cfrobust.outputs import check_output_folder, check_replaceable
     from cfrobust.preprocess.pipeline import preprocess
     from cfrobust.trainer.config import TrainConfig
     from cfrobust.trainer.report import summary_markdown
     from cfrobust.trainer.train import train
 
+    check_output_folder(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+        check_replaceable(out, DEMO_FILES, [])
         shutil.rmtree(out)
     click.echo("1/3 making the built-in dataset into shards")
     preprocess(open_dataset("synthetic", seed=seed), out / "shards", ["tile"], shard_size=250)

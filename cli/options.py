@@ -6,7 +6,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from cfrobust.errors import UserError
+from cfrobust.errors import UserError, user_message
 
 
 def dataclass_options(cls, required: tuple[str, ...] = ()):
@@ -51,5 +51,5 @@ class UserErrorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(user_message(exc)) from None
 

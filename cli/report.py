@@ -38,13 +38,17 @@ def report(runs, by, split, metrics, out, fmt) -> None:
     from pathlib import Path
 
     from cfrobust.errors import UserError
+    from cfrobust.outputs import check_output_file
     from cfrobust.trainer.report import build_report, render
+    from cfrobust.trainer.config import RUN_FILES
 
     if fmt is None:
         suffix = "" if out == "-" else Path(out).suffix.lower()
         if out != "-" and suffix not in FORMATS:
             raise UserError(f"--out {out}: unknown extension {suffix or '(none)'!r}; use .md, .csv or .json, or pass --format")
         fmt = FORMATS.get(suffix, "md")
+    if out != "-":  # never over a run's own files
+        check_output_file(Path(out), [p for run in runs for p in Path(run).rglob("*") if p.name in RUN_FILES])
     document = build_report(runs, comma_list(by) or None, split, comma_list(metrics) or None)
     text = render(document, fmt)
     if out == "-":

@@ -32,6 +32,14 @@ def show(shards, split, count, seed, out, checkpoint, factual, device) -> None:
     """
     from cfrobust.trainer.visualize import render_grid, write_png
 
+    from pathlib import Path
+
+    from cfrobust.errors import UserError
+    from cfrobust.outputs import check_output_file
+
+    if Path(out).suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the grid is a PNG picture; give a .png file name")
+    check_output_file(Path(out), [Path(checkpoint)] if checkpoint else [])
     modes = None if factual is None else comma_list(factual)
     grid = render_grid(shards, split, count, seed, modes, checkpoint, device)
     path = write_png(out, grid.image)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.errors import UserError
+from cfrobust.outputs import check_output_folder
 from cfrobust.preprocess.cagan.inpaint import CAGAN_SOURCE, CaganFill, CaganSettings, fill_cagan_samples
 from cfrobust.preprocess.fills import FILLS, RANDOM_FILLS, record_rng
 from cfrobust.preprocess.images import RecordError, binarize, load_mask, load_rgb, mask_box, resize
@@ -41,6 +42,7 @@ from cfrobust.shards.schema import (
 from cfrobust.shards.verify import merge_parts
 from cfrobust.shards.writer import ShardWriter
 
+MIN_SIZE, MAX_SIZE = 8, 4096  # --size: smaller images hold no object; larger ones exhaust memory
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
 
 
@@ -119,6 +121,9 @@ def preprocess(
         )
     if resume and overwrite:
         raise UserError("--resume keeps earlier output and --overwrite deletes it: choose one")
+    check_counts(size, shard_size, workers, world_size)
+    check_output_folder(Path(out))
+    cf_methods = list(dict.fromkeys(cf_methods))  # --cf tile,tile stores one tile
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
     job = Job(
@@ -129,6 +134,17 @@ def preprocess(
     for split in dataset.splits:
         claim_output(job, split, overwrite, resume)
     return [write_split(job, split, resume, workers, progress, fill) for split in dataset.splits]
+
+
+def check_counts(size: int | None, shard_size: int, workers: int, world_size: int) -> None:
+    if size is not None and not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserError(f"--size {size}: stored images are {MIN_SIZE} to {MAX_SIZE} pixels a side")
+    if shard_size < 1:
+        raise UserError(f"--shard-size {shard_size}: a shard holds at least 1 sample")
+    if workers < 1:
+        raise UserError(f"--workers {workers}: at least 1 process builds the samples")
+    if world_size < 1:
+        raise UserError(f"--world-size {world_size}: at least 1 process writes the output")
 
 
 def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:

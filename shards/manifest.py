@@ -27,9 +27,24 @@ def read_info(split_dir) -> dict:
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
-    if info.get("schema") != SCHEMA:
-        raise UserError(f"{path}: schema {info.get('schema')!r}, expected {SCHEMA!r}")
+    if not isinstance(info, dict) or info.get("schema") != SCHEMA:
+        found = info.get("schema") if isinstance(info, dict) else type(info).__name__
+        raise UserError(f"{path}: schema {found!r}, expected {SCHEMA!r}")
+    check_fields(path, info)
     return info
+
+
+# What readers rely on, by type; a hand-edited manifest missing one fails here, in one line.
+REQUIRED = {"shards": list, "classes": list, "num_samples": int, "cf_methods": list, "size": int}
+
+
+def check_fields(path: Path, info: dict) -> None:
+    for key, kind in REQUIRED.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise UserError(f"{path}: {key!r} is {info.get(key)!r}, not a {kind.__name__} (a damaged manifest)")
+    for shard in info["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("num_samples"), int)):
+            raise UserError(f"{path}: shard entry {shard!r} lacks a name or a sample count (a damaged manifest)")
 
 
 def list_splits(root) -> list[str]:

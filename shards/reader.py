@@ -119,25 +119,25 @@ def iter_raw_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[d
         yield from iter_tar_samples(path, wanted)
 
 
-def decode_many(raws: list[dict], cf_methods: list[str]) -> list[dict]:
+def decode_many(raws: list[dict], cf_methods: list[str], num_classes: int | None = None) -> list[dict]:
     """decode_sample of each, in order. In the main process (--workers 0, eval) the batch is
     cut into parts that helper threads decode beside the calling thread: OpenCV releases the
     GIL while it decodes, and the training step's threads are idle while the loader runs. A
     DataLoader worker decodes serially: the workers are already the parallelism."""
     pool, threads = _decoder_pool()
     if pool is None or len(raws) < 2 * threads:
-        return _decode_all(raws, cf_methods)
+        return _decode_all(raws, cf_methods, num_classes)
     size = math.ceil(len(raws) / threads)
-    helped = [pool.submit(_decode_all, raws[i:i + size], cf_methods) for i in range(size, len(raws), size)]
+    helped = [pool.submit(_decode_all, raws[i:i + size], cf_methods, num_classes) for i in range(size, len(raws), size)]
     try:
-        mine = _decode_all(raws[:size], cf_methods)
+        mine = _decode_all(raws[:size], cf_methods, num_classes)
     finally:
         futures.wait(helped)  # even on an error, no helper is left mid-decode (a fork may follow)
     return mine + [sample for future in helped for sample in future.result()]
 
 
-def _decode_all(raws: list[dict], cf_methods: list[str]) -> list[dict]:
-    return [decode_sample(raw, cf_methods) for raw in raws]
+def _decode_all(raws: list[dict], cf_methods: list[str], num_classes: int | None) -> list[dict]:
+    return [decode_sample(raw, cf_methods, num_classes) for raw in raws]
 
 
 def _decoder_pool() -> tuple[futures.ThreadPoolExecutor | None, int]:
@@ -153,20 +153,26 @@ def _helper_threads(pid: int, count: int) -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(count, thread_name_prefix="cfrobust-decode")
 
 
-def decode_sample(raw: dict, cf_methods: list[str]) -> dict:
+def decode_sample(raw: dict, cf_methods: list[str], num_classes: int | None = None) -> dict:
+    where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
     for ext in required_exts(cf_methods):
         if ext not in raw:
-            where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
             raise UserError(f"{where} has no {ext!r} part (were the shards made with this --cf?)")
-    meta = json.loads(raw[META_EXT])
-    return {
-        "key": raw["__key__"],
-        "image": decode_rgb(raw[IMAGE_EXT]),
-        "cf": {m: decode_rgb(raw[cf_ext(m)]) for m in cf_methods},
-        "label": meta["label"],
-        "boxes": meta["boxes"],
-        "group": meta["group"],
-    }
+    try:
+        meta = json.loads(raw[META_EXT])
+        sample = {
+            "key": raw["__key__"],
+            "image": decode_rgb(raw[IMAGE_EXT]),
+            "cf": {m: decode_rgb(raw[cf_ext(m)]) for m in cf_methods},
+            "label": meta["label"],
+            "boxes": meta["boxes"],
+            "group": meta["group"],
+        }
+    except (ValueError, KeyError, TypeError) as exc:  # damaged JSON or image data
+        raise UserError(f"{where}: {type(exc).__name__}: {exc}; `cfrobust shards verify` checks every sample") from None
+    if num_classes is not None and not (isinstance(sample["label"], int) and 0 <= sample["label"] < num_classes):
+        raise UserError(f"{where}: label {sample['label']!r} is not one of the split's {num_classes} classes")
+    return sample
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -305,7 +311,7 @@ class TrainShards(IterableDataset):
         return (raw for raw in raws if self.experiment.keeps(raw["__key__"]))
 
     def _decoded(self, raws: list[dict]) -> list[dict]:
-        samples = decode_many(raws, self.cf_methods)
+        samples = decode_many(raws, self.cf_methods, len(self.info["classes"]))
         return samples if self.experiment is None else [self.experiment.apply(s) for s in samples]
 
 
@@ -328,7 +334,7 @@ class EvalShards(IterableDataset):
         mine = shards_for_worker(names, self.rank * num_workers + worker, self.world_size * num_workers)
         raws = iter_raw_samples([self.split_dir / n for n in mine], [])
         while chunk := list(itertools.islice(raws, self.batch_size)):
-            yield collate(decode_many(chunk, []))
+            yield collate(decode_many(chunk, [], len(self.info["classes"])))
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Collection, Iterator
 
+from cfrobust.errors import UserError
+
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 _LONG_NAME = b"L"
@@ -79,7 +81,7 @@ def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> 
     bare, so that its reader can name what is missing)."""
     sample: dict = {}
     with open(path, "rb", buffering=1 << 20) as stream:
-        for name, data in iter_members(stream, wanted_exts):
+        for name, data in _members_or_error(path, stream, wanted_exts):
             head, slash, tail = name.rpartition("/")
             stem, _, ext = tail.partition(".")
             key = head + slash + stem
@@ -92,3 +94,11 @@ def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> 
                 sample[ext] = data
     if sample:
         yield sample
+
+
+def _members_or_error(path: Path, stream: BinaryIO, wanted_exts) -> Iterator[tuple[str, bytes | None]]:
+    """iter_members, with a damaged header reported as the file's fault in one line."""
+    try:
+        yield from iter_members(stream, wanted_exts)
+    except ValueError as exc:  # a size field that is not octal: not a tar header
+        raise UserError(f"{path}: not a readable tar at byte {stream.tell()} ({exc}); `cfrobust shards verify` checks every shard") from None

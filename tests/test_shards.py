@@ -214,8 +214,9 @@ def test_shard_writer_exact_multiple_and_empty(tmp_path):
 def test_manifest_round_trip_and_errors(tmp_path):
     split = tmp_path / "s"
     split.mkdir()
-    write_info(split, {"split": "s", "num_samples": 0, "shards": []})
-    assert read_info(split) == {"schema": SCHEMA, "split": "s", "num_samples": 0, "shards": []}
+    info = {"split": "s", "num_samples": 0, "shards": [], "classes": ["a"], "cf_methods": [], "size": 8}
+    write_info(split, info)
+    assert read_info(split) == {"schema": SCHEMA, **info}
     assert [p.name for p in split.iterdir()] == ["_info.json"]
 
     with pytest.raises(UserError, match="no _info.json"):
@@ -225,6 +226,16 @@ def test_manifest_round_trip_and_errors(tmp_path):
         read_info(split)
     (split / "_info.json").write_text(json.dumps({"schema": "other/9"}))
     with pytest.raises(UserError, match="schema 'other/9'"):
+        read_info(split)
+    (split / "_info.json").write_text("[]")
+    with pytest.raises(UserError, match="schema 'list', expected"):
+        read_info(split)
+    for key, value, shown in [("shards", None, "None"), ("classes", "ab", "'ab'"), ("num_samples", "0", "'0'")]:
+        (split / "_info.json").write_text(json.dumps({"schema": SCHEMA, **info, key: value}))
+        with pytest.raises(UserError, match=rf"'{key}' is {shown}, not a (list|int) \(a damaged manifest\)"):
+            read_info(split)
+    (split / "_info.json").write_text(json.dumps({"schema": SCHEMA, **info, "shards": [{"name": "a.tar"}]}))
+    with pytest.raises(UserError, match=r"shard entry \{'name': 'a.tar'\} lacks a name or a sample count"):
         read_info(split)
 
 
@@ -680,9 +691,9 @@ def test_threaded_decoding_equals_serial_and_uses_the_helper_threads(shards, mon
     serial = [decode_sample(raw, CF) for raw in raws]
     threads_seen = set()
 
-    def recording(raw, cf_methods):
+    def recording(raw, cf_methods, num_classes=None):
         threads_seen.add(threading.current_thread().name.split("_")[0])
-        return decode_sample(raw, cf_methods)
+        return decode_sample(raw, cf_methods, num_classes)
 
     monkeypatch.setattr(reader, "decode_sample", recording)
     previous = torch.get_num_threads()
@@ -710,6 +721,30 @@ def test_a_bad_sample_in_a_helper_thread_is_reported_by_the_caller(shards):
             decode_many(raws, CF)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda raw: raw.update(jpg=b"\xff\xd8 not a jpeg"), "ValueError: unreadable image data"),
+    (lambda raw: raw.update(json=b'{"label": 0, "boxes"'), "JSONDecodeError: Expecting"),
+    (lambda raw: raw.update(json=b'{"label": 0, "boxes": []}'), "KeyError: 'group'"),
+    (lambda raw: raw.update(json=b'{"label": 7, "boxes": [], "group": "g"}'), "label 7 is not one of the split's 2 classes"),
+])
+def test_a_damaged_sample_is_named_in_one_line(shards, damage, reason):
+    out, _ = shards
+    raw = next(iter_raw_samples(sorted((out / "train").glob("*.tar")), []))
+    damage(raw)
+    with pytest.raises(UserError) as caught:
+        decode_sample(raw, [], num_classes=2)
+    message = str(caught.value)
+    assert message.startswith(f"{raw['__url__']}: sample {raw['__key__']}") and reason in message
+    assert "\n" not in message
+
+
+def test_a_shard_of_garbage_is_named_in_one_line(tmp_path):
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(bytes(range(1, 256)) * 4)
+    with pytest.raises(UserError, match=rf"^{path}: not a readable tar at byte 512 \(invalid literal for int"):
+        list(iter_raw_samples([path], []))
 
 
 def test_training_batches_do_not_depend_on_the_decoding_threads(shards):

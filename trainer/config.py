@@ -25,6 +25,9 @@ PRESETS = {
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
 
+# What `cfrobust train` writes in its --out folder (all that --overwrite may replace there).
+RUN_FILES = {"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "eval.json", "eval.json.tmp", "checkpoints", "tensorboard"}
+
 
 def option(default, help: str, choices=None):  # noqa: A002 - mirrors click's name
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -96,7 +99,7 @@ class TrainConfig:
     )
     quiet: bool = option(False, "No progress bar and no per-epoch lines (metrics.jsonl is written all the same).")
     resume: bool = option(False, "Continue the run in --out from checkpoints/last.pt.")
-    overwrite: bool = option(False, "Replace an existing run folder.")
+    overwrite: bool = option(False, "Replace an existing run folder (one holding other files, or the shards, is refused).")
 
     def with_preset(self, explicit: set[str]) -> "TrainConfig":
         """The preset's values for every field the user did not set explicitly."""

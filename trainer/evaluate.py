@@ -15,6 +15,7 @@ import torch
 
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
 from cfrobust.errors import UserError
+from cfrobust.outputs import check_output_file
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import EvalShards, make_loader
 from cfrobust.shards.schema import INFO_NAME
@@ -135,6 +136,9 @@ def evaluate_checkpoint(
 ) -> dict:
     """`cfrobust eval`: score a saved checkpoint on shard splits and write the eval JSON."""
     check_noise_kinds(list(ood))  # before any work
+    check_output_file(Path(out), [Path(checkpoint)])
+    if batch_size < 1 or workers < 0:
+        raise UserError(f"--batch {batch_size} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
     if ood_samples is not None and ood_samples < 1:
         raise UserError(f"--ood-samples must be at least 1, got {ood_samples}")
     env = setup_distributed(device)
@@ -145,6 +149,7 @@ def evaluate_checkpoint(
         missing = [s for s in splits if s not in available]
         if missing:
             raise UserError(f"{shards}: no split {missing[0]!r} (found: {', '.join(available)})")
+        check_classes(checkpoint, state["classes"], shards, splits)
         num_classes = len(state["classes"])
         outputs = output_size(num_classes, state["config"].get("cf_loss", "logp"))
         model = build_model(state["config"]["arch"], outputs)
@@ -162,6 +167,14 @@ def evaluate_checkpoint(
         return document
     finally:
         teardown_distributed()
+
+
+def check_classes(checkpoint, classes: list[str], shards, splits: list[str]) -> None:
+    """The model's classes are the shards' (the same names in the same order): logit k is class k."""
+    for split in splits:
+        found = read_info(Path(shards) / split)["classes"]
+        if list(found) != list(classes):
+            raise UserError(f"{checkpoint}: trained on classes {list(classes)}, but {Path(shards) / split} has {list(found)}")
 
 
 def eval_document(checkpoint, config: dict, splits: dict, shards_root) -> dict:

@@ -25,11 +25,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cfrobust.errors import UserError
+from cfrobust.outputs import check_output_folder, check_replaceable
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
-from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.config import RUN_FILES, TrainConfig
 from cfrobust.trainer.counterfactual import output_size
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
@@ -283,27 +284,68 @@ def check_config(config: TrainConfig, info: dict) -> None:
             f"{config.shards}/train: the shards carry no {config.cf!r} counterfactual (they have: {have}); "
             f"re-run `cfrobust preprocess --cf {config.cf}`"
         )
-    if config.epochs < 1 or config.batch < 1 or config.batch_split < 1:
-        raise UserError("--epochs, --batch and --batch-split must be at least 1")
+    for name, ok, rule in OPTION_RULES:
+        value = getattr(config, name)
+        if not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} {value:g}: {rule}")
+    if config.batch_split > config.batch:
+        raise UserError(f"--batch-split {config.batch_split} cuts a batch of {config.batch} into more chunks than images")
     if config.precision == "16" and config.reg != "none":
         raise UserError("--precision 16 with --reg: the saliency map's gradients are not loss-scaled and can "
                         "underflow to 0 in fp16; use --precision bf16 or 32")
-    if config.clip_grad < 0:
-        raise UserError(f"--clip-grad {config.clip_grad:g}: a gradient norm cannot be negative (0 turns clipping off)")
-    if not (0 < config.data_ratio <= 1 and 0 <= config.box_fraction <= 1 and 0 <= config.bbox_noise <= 1):
-        raise UserError("--data-ratio must lie in (0, 1], --box-fraction and --bbox-noise in [0, 1]")
+
+
+# (option, test, what it must be): checked before any work, named with the value in the message.
+OPTION_RULES = [
+    ("epochs", lambda v: v >= 1, "must be at least 1"),
+    ("batch", lambda v: v >= 1, "must be at least 1"),
+    ("batch_split", lambda v: v >= 1, "must be at least 1"),
+    ("workers", lambda v: v >= 0, "must be 0 (load in this process) or more"),
+    ("lr", lambda v: v > 0, "a learning rate must be positive"),
+    ("momentum", lambda v: v >= 0, "must be 0 or more"),
+    ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
+    ("gamma", lambda v: v > 0, "a decay factor must be positive"),
+    ("clip_grad", lambda v: v >= 0, "a gradient norm cannot be negative (0 turns clipping off)"),
+    ("cf_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
+    ("reg_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
+    ("reg_anneal", lambda v: v >= 0, "must be 0 (no ramp) or more epochs"),
+    ("f_eps", lambda v: v >= 0, "an attack radius must be 0 or more"),
+    ("f_alpha", lambda v: v >= 0, "must be 0 (eps / 4) or a positive step"),
+    ("f_steps", lambda v: v >= 1, "an attack takes at least 1 step"),
+    ("mixup", lambda v: v >= 0, "must be 0 (off) or a positive Beta alpha"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    ("data_ratio", lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    ("box_fraction", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    ("bbox_noise", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    ("save_every", lambda v: v >= 0, "must be 0 (epoch ends only) or more steps"),
+]
 
 
 def resume_point(out: Path, config: TrainConfig, check_existing: bool = True) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run (also with --resume and no
     checkpoint yet, so `torchrun --max-restarts` can always pass --resume). Only rank 0 checks
     for an earlier run: the others may already see the folder rank 0 just made."""
+    check_output_folder(out)
     last = out / "checkpoints" / "last.pt"
     if config.resume and last.is_file():
         return last
-    if check_existing and out.exists() and any(out.iterdir()) and not (config.resume or config.overwrite):
+    if not check_existing or not out.exists() or config.resume or is_failed_start(out):
+        return None
+    if config.overwrite:
+        check_replaceable(out, RUN_FILES, [Path(config.shards)])
+    elif foreign := sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES):
+        raise UserError(f"{out} holds {foreign[0]!r}, which is not part of a run; choose another --out")
+    elif any(out.iterdir()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --out")
     return None
+
+
+def is_failed_start(out: Path) -> bool:
+    """A run folder that holds only the config of a run that stopped before its first
+    checkpoint (a bad shard, a bad option): starting again there loses nothing."""
+    names = {p.name for p in out.iterdir()}
+    checkpoints = out / "checkpoints"
+    return bool(names) and names <= {"config.json", "checkpoints"} and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
 def prepare_run_folder(out: Path, config: TrainConfig, resuming: bool) -> None:

@@ -1,0 +1,140 @@
+"""What the commands refuse to write over, and the options they refuse, each in one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from cfrobust.cli.main import cli
+from cfrobust.errors import UserError, user_message
+
+TRAIN = ["train", "--arch", "simple-cnn", "--epochs", "1", "--batch", "32", "--workers", "0", "--device", "cpu"]
+
+
+def run_cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, expected: str) -> None:
+    assert code == 1, output
+    assert output == f"Error: {expected}\n"
+
+
+def test_overwrite_never_deletes_the_shards_or_files_the_run_did_not_write(tiny_shards, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_shards, project / "shards")
+    (project / "notes.txt").write_text("mine")
+    code, output = run_cli(*TRAIN, "--shards", project / "shards", "--out", project, "--overwrite")
+    assert_one_line_error(code, output, f"--out {project} holds the input {project / 'shards'}: --overwrite would "
+                                        f"delete it; choose another --out")
+    (project / "run").mkdir()
+    (project / "run" / "notes.txt").write_text("mine")
+    code, output = run_cli(*TRAIN, "--shards", project / "shards", "--out", project / "run", "--overwrite")
+    assert_one_line_error(code, output, f"--out {project / 'run'} holds 'notes.txt', which this command did not write: "
+                                        f"--overwrite replaces only its own output; choose another --out")
+    code, output = run_cli(*TRAIN, "--shards", project / "shards", "--out", project / "run")
+    assert_one_line_error(code, output, f"{project / 'run'} holds 'notes.txt', which is not part of a run; choose another --out")
+    assert (project / "notes.txt").read_text() == (project / "run" / "notes.txt").read_text() == "mine"
+    assert (project / "shards" / "train" / "_info.json").is_file()
+
+
+def test_a_file_where_the_run_folder_should_be_is_named(tiny_shards, tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, output = run_cli(*TRAIN, "--shards", tiny_shards, "--out", tmp_path / "afile")
+    assert_one_line_error(code, output, f"--out {tmp_path / 'afile'}: a file, not a folder; choose another --out")
+    code, output = run_cli("preprocess", "--dataset", "synthetic", "--out", tmp_path / "afile" / "sub")
+    assert_one_line_error(code, output, f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder")
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_start_again_in_its_folder(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    code, output = run_cli(*TRAIN, "--shards", tiny_shards, "--out", run, "--pretrained", tmp_path / "missing.pt")
+    assert code == 1 and (run / "config.json").is_file() and not any((run / "checkpoints").iterdir())
+    code, output = run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)
+    assert code == 0, output
+    assert (run / "eval.json").is_file()
+    code, output = run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)
+    assert code == 1 and "already holds a run" in output
+
+
+def test_eval_and_show_never_write_over_their_inputs_or_into_a_folder(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
+    best = run / "checkpoints" / "best.pt"
+    before = best.read_bytes()
+    code, output = run_cli("eval", "--checkpoint", best, "--shards", tiny_shards, "--out", best)
+    assert_one_line_error(code, output, f"--out {best} is this command's input; choose another --out")
+    code, output = run_cli("eval", "--checkpoint", best, "--shards", tiny_shards, "--out", run)
+    assert_one_line_error(code, output, f"--out {run}: a folder; give a file name")
+    code, output = run_cli("show", "--shards", tiny_shards, "--checkpoint", best, "--out", best)
+    assert_one_line_error(code, output, f"--out {best}: the grid is a PNG picture; give a .png file name")
+    code, output = run_cli("report", run, "--out", run / "eval.json", "--format", "json")
+    assert_one_line_error(code, output, f"--out {run / 'eval.json'} is this command's input; choose another --out")
+    assert best.read_bytes() == before
+
+
+def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, output = run_cli("demo", "--out", tmp_path, "--overwrite")
+    assert_one_line_error(code, output, f"--out {tmp_path} holds 'notes.txt', which this command did not write: "
+                                        f"--overwrite replaces only its own output; choose another --out")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--workers", "-1"], "--workers -1: must be 0 (load in this process) or more"),
+    (["--lr", "0"], "--lr 0: a learning rate must be positive"),
+    (["--label-smoothing", "1"], "--label-smoothing 1: must lie in [0, 1)"),
+    (["--f-steps", "0"], "--f-steps 0: an attack takes at least 1 step"),
+    (["--reg-coeff", "-5"], "--reg-coeff -5: a loss weight must be 0 or more"),
+    (["--batch-split", "64"], "--batch-split 64 cuts a batch of 32 into more chunks than images"),
+    (["--device", "gpu"], "--device gpu: not a device; use auto, cpu, cuda or cuda:N"),
+])
+def test_out_of_range_training_options_are_named_with_their_value(tiny_shards, tmp_path, options, expected):
+    args = [a for a in TRAIN if a not in ("--device", "cpu")] if "--device" in options else TRAIN
+    code, output = run_cli(*args, "--shards", tiny_shards, "--out", tmp_path / "run", *options)
+    assert_one_line_error(code, output, expected)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--shard-size", "0"], "--shard-size 0: a shard holds at least 1 sample"),
+    (["--size", "-32"], "--size -32: stored images are 8 to 4096 pixels a side"),
+    (["--workers", "0"], "--workers 0: at least 1 process builds the samples"),
+])
+def test_out_of_range_preprocess_options_are_named_with_their_value(tmp_path, options, expected):
+    code, output = run_cli("preprocess", "--dataset", "synthetic", "--out", tmp_path / "s", *options)
+    assert_one_line_error(code, output, expected)
+
+
+def test_eval_refuses_shards_of_other_classes(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other, dirs_exist_ok=True)
+    info = (other / "test" / "_info.json").read_text().replace('"disk"', '"cat"')
+    (other / "test" / "_info.json").write_text(info)
+    code, output = run_cli("eval", "--checkpoint", run / "checkpoints" / "best.pt", "--shards", other,
+                           "--splits", "test", "--out", tmp_path / "e.json")
+    assert_one_line_error(code, output, f"{run / 'checkpoints' / 'best.pt'}: trained on classes ['disk', 'ring'], "
+                                        f"but {other / 'test'} has ['cat', 'ring']")
+
+
+def test_a_loader_workers_error_reaches_the_user_as_its_own_line(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    broken = sorted((shards / "train").glob("*.tar"))[0]
+    broken.write_bytes(bytes(range(1, 256)) * 4)
+    args = [a if a != "0" else "1" for a in TRAIN]  # --workers 1: the tar is read in a worker process
+    code, output = run_cli(*args, "--shards", shards, "--out", tmp_path / "run")
+    assert code == 1 and output.startswith(f"Error: {broken}: not a readable tar at byte 512") and output.count("\n") == 1
+
+
+def test_user_message_keeps_the_last_line_of_a_workers_traceback():
+    wrapped = UserError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1, in f\ncfrobust.errors.UserError: a.tar: sample k: bad\n')
+    assert user_message(wrapped) == "a.tar: sample k: bad"
+    assert user_message(UserError("plain")) == "plain"
