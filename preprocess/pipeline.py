@@ -147,6 +147,17 @@ def check_counts(size: int | None, shard_size: int, workers: int, world_size: in
         raise UserError(f"--world-size {world_size}: at least 1 process writes the output")
 
 
+def check_same_job(job: Job, info: dict, manifest: Path) -> None:
+    """--resume keeps a finished split only if this run would have written the same one."""
+    now = {"cf_methods": list(job.cf_methods), "size": job.size, "source": job.dataset.describe()}
+    changed = sorted(key for key, value in now.items() if info.get(key) != value)
+    if changed:
+        raise UserError(
+            f"{manifest}: made with other options ({', '.join(changed)}); --resume continues the same job: "
+            f"pass its options again, or --overwrite to remake the shards"
+        )
+
+
 def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
     """Refuse to touch earlier output unless asked: --overwrite deletes this process's files,
     --resume keeps them; other processes' files in a shared split folder are never touched."""
@@ -167,6 +178,7 @@ def write_split(
     split_dir = job.out / split
     if resume and job.manifest(split).exists():  # finished in the earlier run
         info = json.loads(job.manifest(split).read_text())
+        check_same_job(job, info, job.manifest(split))
         return SplitSummary(split, info["num_samples"], info["skipped"], len(info["shards"]))
     split_dir.mkdir(parents=True, exist_ok=True)
     for temporary in split_dir.glob(job.shard_prefix(split) + "*.tmp"):

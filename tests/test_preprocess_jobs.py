@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,17 @@ def test_resume_of_a_finished_run_changes_nothing(clean_run, tmp_path):
     preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
     summaries = preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, resume=True)
     assert [(s.split, s.written, s.resumed_shards) for s in summaries] == [("train", 40, 6), ("val", 10, 2), ("test", 10, 2)]
+    assert files(out) == files(clean_run)
+
+
+def test_resume_of_a_finished_run_with_other_options_is_refused(clean_run, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(clean_run, out)
+    manifest = out / "train" / "_info.json"
+    for dataset, fills, changed in [(synthetic(), ["mean"], "cf_methods"),
+                                    (open_dataset("synthetic", seed=6, sizes=SIZES, image_size=16), FILLS, "source")]:
+        with pytest.raises(UserError, match=rf"^{manifest}: made with other options \({changed}\); --resume continues"):
+            preprocess(dataset, out, fills, shard_size=7, progress=False, resume=True)
     assert files(out) == files(clean_run)
 
 
