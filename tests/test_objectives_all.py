@@ -249,13 +249,15 @@ def test_attacks_run_in_eval_mode_and_leave_running_statistics_alone():
     assert torch.equal(model.net[1].running_mean, stats)
 
 
-def test_grad_cam_runs_batchnorm_in_eval_mode_and_leaves_running_statistics_alone():
+def test_grad_cam_uses_batch_statistics_and_leaves_the_running_ones_alone():
     x, _, y = _object_scene()
     model = ModeProbe().train()
-    stats = model.net[1].running_mean.clone()
-    grad_cam(model, x, y)
-    assert model.modes == [False] and model.training and model.net[1].training
-    assert torch.equal(model.net[1].running_mean, stats)
+    stats, batches = model.net[1].running_mean.clone(), int(model.net[1].num_batches_tracked)
+    maps = grad_cam(model, x, y)
+    assert model.modes == [True] and model.net[1].track_running_stats
+    assert torch.equal(model.net[1].running_mean, stats) and int(model.net[1].num_batches_tracked) == batches
+    model.net[1].running_mean.fill_(5.0)  # batch statistics: the running ones do not enter the map
+    assert torch.allclose(grad_cam(model, x, y), maps)
 
 
 def test_pgd_stays_in_the_eps_ball_outside_the_object():

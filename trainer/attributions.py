@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cfrobust.trainer.module_modes import evaluation_mode, unwrap
+from cfrobust.trainer.module_modes import evaluation_mode, running_statistics_frozen, unwrap
 
 # Elementwise nonlinearities that captum's DeepLift gives the rescale rule.
 RESCALED = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -20,8 +20,8 @@ RESCALED = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
 
 def grad_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """captum LayerGradCam of each sample's target on the model's Grad-CAM layer, upsampled
-    bilinearly to the input size: [B, 1, H, W], as the official get_grad_cam (no ReLU), with
-    BatchNorm in eval mode.
+    bilinearly to the input size: [B, 1, H, W], as the official get_grad_cam (no ReLU); the
+    running statistics of BatchNorm are left alone.
 
     captum passes grad_kwargs to its torch.autograd.grad, so create_graph=True makes the map
     differentiable without the official code's patching of torch.autograd.grad.
@@ -29,9 +29,9 @@ def grad_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> to
     from captum.attr import LayerGradCam  # captum imports matplotlib: only when asked for
 
     bare = unwrap(model)
-    # BatchNorm in eval mode, as in deeplift: this extra pass neither mixes the samples' maps
-    # through batch statistics nor updates the running statistics a second time per step.
-    with evaluation_mode(bare, (_BatchNorm,)), torch.enable_grad():
+    # BatchNorm as in the step's forward pass (batch statistics, so DDP ranks and --batch-split
+    # chunks agree), without counting the batch into the running statistics a second time.
+    with running_statistics_frozen(bare), torch.enable_grad():
         maps = LayerGradCam(bare, grad_cam_layer(bare)).attribute(
             images.detach(), target=labels, grad_kwargs={"create_graph": True}
         )

@@ -28,3 +28,18 @@ def evaluation_mode(model: nn.Module, kinds: tuple[type, ...] = (nn.Module,)):
     finally:
         for module in switched:
             module.training = True
+
+
+@contextmanager
+def running_statistics_frozen(model: nn.Module):
+    """BatchNorm layers in training mode normalise with the batch's statistics, as in the step's
+    own forward pass, but leave their running statistics as they are (an extra pass of the same
+    images would otherwise count them twice)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
