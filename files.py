@@ -47,4 +47,6 @@ def one_line_reason(exc: Exception, limit: int = 120) -> str:
     """"Type: first non-empty line of the message", without terminal colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {line[:limit]}" if line else type(exc).__name__
+    if len(line) > limit:  # cut at a word, and say so
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -120,3 +120,5 @@ def print_summary(summaries, out: Path) -> None:
         if len(s.skipped) > SHOWN_PROBLEMS:
             click.echo(f"          ... and {len(s.skipped) - SHOWN_PROBLEMS} more, listed in {out / s.split / '_info.json'}")
     click.echo(f"shards in {out}")
+    if summaries and not any(s.written for s in summaries):
+        raise UserError(f"{out}: no sample was written (every split is empty or every record was skipped)")

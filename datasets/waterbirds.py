@@ -67,7 +67,7 @@ class WaterbirdsDataset(DatasetSource):
         self._cub_boxes = None
         if boxes == "cub":
             if self.cub_root is None:
-                raise UserError("waterbirds with boxes='cub' needs cub_root (the CUB_200_2011 folder)")
+                raise UserError("--boxes cub needs --cub-root, the CUB_200_2011 folder")
             self._cub_boxes = CubBoxes.read(self.cub_root)
 
     def describe(self) -> dict:

@@ -301,7 +301,7 @@ def test_cub_box_problems_are_reported_per_record(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"boxes": "cub"}, "needs cub_root"),
+        ({"boxes": "cub"}, "--boxes cub needs --cub-root"),
         ({"boxes": "segmentations"}, "boxes must be one of segmentation, cub, got 'segmentations'"),
         ({"boxes": "cub", "cub_root": "nope"}, "CUB root .*nope is not a directory"),
     ],

@@ -39,5 +39,6 @@ def test_a_pickle_that_runs_code_is_refused_with_its_first_line(tmp_path):
 
 def test_reasons_lose_colour_codes_and_blank_lines():
     assert one_line_reason(RuntimeError("\n\n  \x1b[31mbad\x1b[0m header\nmore")) == "RuntimeError: bad header"
-    assert one_line_reason(ValueError("x" * 300)) == "ValueError: " + "x" * 120
+    assert one_line_reason(ValueError("x" * 300)) == "ValueError: " + "x" * 120 + " ..."
+    assert one_line_reason(ValueError("abcdefghi " * 30)) == "ValueError: " + " ".join(["abcdefghi"] * 12) + " ..."
     assert one_line_reason(KeyError()) == "KeyError"

@@ -138,3 +138,19 @@ def test_user_message_keeps_the_last_line_of_a_workers_traceback():
                         '  File "x.py", line 1, in f\ncfrobust.errors.UserError: a.tar: sample k: bad\n')
     assert user_message(wrapped) == "a.tar: sample k: bad"
     assert user_message(UserError("plain")) == "plain"
+
+
+def test_preprocess_that_writes_no_sample_fails(tmp_path):
+    code, output = run_cli("preprocess", "--dataset", "synthetic", "--synthetic-sizes", "0,0,0", "--out", tmp_path / "s")
+    assert code == 1 and output.endswith(f"Error: {tmp_path / 's'}: no sample was written (every split is empty or every "
+                                         f"record was skipped)\n")
+
+
+def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
+    only_train = tmp_path / "only-train"
+    shutil.copytree(tiny_shards / "train", only_train / "train")
+    code, output = run_cli("eval", "--checkpoint", run / "checkpoints" / "best.pt", "--shards", only_train,
+                           "--out", tmp_path / "e.json")
+    assert_one_line_error(code, output, f"{only_train}: no split to score besides train; pass --splits train to score that one")

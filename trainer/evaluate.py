@@ -146,6 +146,8 @@ def evaluate_checkpoint(
         state = load_checkpoint(checkpoint, map_location="cpu")
         available = list_splits(shards)
         splits = splits or [s for s in available if s != "train"]
+        if not splits:
+            raise UserError(f"{shards}: no split to score besides train; pass --splits train to score that one")
         missing = [s for s in splits if s not in available]
         if missing:
             raise UserError(f"{shards}: no split {missing[0]!r} (found: {', '.join(available)})")
