@@ -28,7 +28,7 @@ from cfrobust.errors import UserError
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import read_info
 from cfrobust.shards.tarstream import iter_tar_samples
-from cfrobust.shards.schema import IMAGE_EXT, META_EXT, cf_ext, decode_rgb, required_exts
+from cfrobust.shards.schema import IMAGE_EXT, INFO_NAME, META_EXT, cf_ext, decode_rgb, required_exts
 
 
 @dataclass
@@ -302,7 +302,11 @@ class TrainShards(IterableDataset):
         # decode happens per batch, so the order is the same as shuffling decoded samples.
         raws = _shuffled(self._raw_stream(paths), self.shuffle_buffer, rng)
         for _ in range(self.per_worker):
-            yield collate(self._decoded([next(raws) for _ in range(self.batch_size)]))
+            raw_batch = list(itertools.islice(raws, self.batch_size))
+            if len(raw_batch) < self.batch_size:  # the manifest promised more than the tars hold
+                raise UserError(f"{self.split_dir}: the shards hold fewer samples than {INFO_NAME} counts; "
+                                f"`cfrobust shards verify` finds the damage")
+            yield collate(self._decoded(raw_batch))
 
     def _raw_stream(self, paths: list[Path]) -> Iterator[dict]:
         raws = iter_raw_samples(paths, self.cf_methods)

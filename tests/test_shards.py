@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -767,3 +768,16 @@ def test_training_batches_do_not_depend_on_the_decoding_threads(shards):
 def test_loader_workers_decode_serially(monkeypatch):
     monkeypatch.setattr(reader, "get_worker_info", lambda: object())
     assert reader._decoder_pool() == (None, 1)
+
+
+def test_a_manifest_that_counts_more_samples_than_the_tars_hold_is_named(shards, tmp_path):
+    out, _ = shards
+    split = tmp_path / "train"
+    shutil.copytree(out / "train", split)
+    info = json.loads((split / "_info.json").read_text())
+    for shard in info["shards"]:
+        shard["num_samples"] += 10
+    (split / "_info.json").write_text(json.dumps(info))
+    data = TrainShards(split, batch_size=4, cf_methods=[], seed=0)
+    with pytest.raises(UserError, match=rf"^{split}: the shards hold fewer samples than _info.json counts"):
+        list(data.iter_worker(0, 1))
