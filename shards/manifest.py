@@ -51,7 +51,7 @@ def list_splits(root) -> list[str]:
     """Names of the split folders under a shard root that hold a manifest, in a stable order."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root}: no such shard folder")
+        raise UserError(f"{root}: a file, not a shard folder" if root.exists() else f"{root}: no such shard folder")
     names = sorted(p.name for p in root.iterdir() if (p / INFO_NAME).is_file())
     if not names:
         raise UserError(f"{root}: no shards here (no <split>/{INFO_NAME}); run `cfrobust preprocess` first")

@@ -266,6 +266,8 @@ class TrainShards(IterableDataset):
         self.epoch = 0
         total_workers = world_size * self.loader_workers
         names = [s["name"] for s in self.info["shards"]]
+        if not names:
+            raise UserError(f"{split_dir}: the split holds no samples to train on")
         if len(names) < total_workers:
             raise UserError(
                 f"{split_dir}: {len(names)} shards cannot feed {world_size} rank(s) x {self.loader_workers} "

@@ -154,3 +154,12 @@ def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):
     code, output = run_cli("eval", "--checkpoint", run / "checkpoints" / "best.pt", "--shards", only_train,
                            "--out", tmp_path / "e.json")
     assert_one_line_error(code, output, f"{only_train}: no split to score besides train; pass --splits train to score that one")
+
+
+def test_a_file_as_shards_and_an_empty_train_split_are_named(tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, output = run_cli(*TRAIN, "--shards", tmp_path / "afile", "--out", tmp_path / "run")
+    assert_one_line_error(code, output, f"{tmp_path / 'afile'}: a file, not a shard folder")
+    assert run_cli("preprocess", "--dataset", "synthetic", "--synthetic-sizes", "0,8,8", "--out", tmp_path / "s")[0] == 0
+    code, output = run_cli(*TRAIN, "--shards", tmp_path / "s", "--out", tmp_path / "run")
+    assert_one_line_error(code, output, f"{tmp_path / 's' / 'train'}: the split holds no samples to train on")

@@ -180,3 +180,13 @@ def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, setup, args, messa
     assert result.exit_code == 1
     (line,) = result.output.strip().splitlines()
     assert line.startswith(f"Error: {message}")
+
+
+def test_an_unknown_figure_or_a_split_without_figures_is_named(runs):
+    from cfrobust.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--metrics 'val:acuracy': 'acuracy' is not a figure of eval.json \(figures: n, "):
+        build_report([runs], metrics=["accuracy", "val:acuracy"])
+    with pytest.raises(UserError, match=r"^--split 'nosplit': no finished run has any of these figures there$"):
+        build_report([runs], split="nosplit", metrics=["accuracy", "worst_group_accuracy"])
+    assert build_report([runs], metrics=["accuracy", "aupr"])["tables"][0]["rows"][0]["metrics"]["aupr"]["n"] == 0  # shown as "-"

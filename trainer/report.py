@@ -194,6 +194,7 @@ def build_report(paths, by: list[str] | None = None, split: str = "test", metric
         members = [r for r in finished if r.dataset == dataset]
         columns = [(m, [m]) for m in metrics] if metrics else HEADLINE_COLUMNS.get(dataset, GENERIC_COLUMNS)
         tables.append(build_table(dataset, members, keys, columns, split, show_method=not by))
+    check_found(tables, metrics, split)
     return {
         "schema": REPORT_SCHEMA,
         "split": split,
@@ -201,6 +202,24 @@ def build_report(paths, by: list[str] | None = None, split: str = "test", metric
         "tables": tables,
         "not_finished": [{"run": str(r.path), "reason": r.unfinished} for r in runs if r.unfinished],
     }
+
+
+# The figures of an eval.json split and its `derived` block (README, `cfrobust eval`).
+FIGURES = ("n", "accuracy", "loss", "ece", "auroc", "aupr", "groups", "worst_group_accuracy", "mean_group_accuracy",
+           "saliency_focus", "saliency_focus_n", "ood", "weighted_mean_accuracy", "orig_accuracy", "flip_accuracy",
+           "bg_gap", "cis_trans_gap")
+
+
+def check_found(tables: list[dict], metrics: list[str] | None, split: str) -> None:
+    """A figure name that eval.json never has is a typo, and so is a split where no finished
+    run has any figure: both are named instead of printing columns of '-'."""
+    for spec in metrics or []:
+        head = spec.split(":", 1)[-1].split(".", 1)[0]
+        if head not in FIGURES:
+            raise UserError(f"--metrics {spec!r}: {head!r} is not a figure of eval.json (figures: {', '.join(FIGURES)})")
+    rows = [row for table in tables for row in table["rows"]]
+    if rows and all(summary["mean"] is None for row in rows for summary in row["metrics"].values()):
+        raise UserError(f"--split {split!r}: no finished run has any of these figures there")
 
 
 def build_table(dataset: str, runs: list[Run], keys: list[str], columns, split: str, show_method: bool) -> dict:
