@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from cfrobust.cli.main import cli
 from cfrobust.errors import UserError
 from cfrobust.shards.reader import Batch
-from cfrobust.trainer.checkpoint import load_checkpoint
+from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.distributed import DistEnv
 from cfrobust.trainer.objective import Objective
@@ -76,12 +76,41 @@ def test_resume_with_other_options_is_refused(tiny_shards, tmp_path):
         train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, lr=0.1))
 
 
-def test_resume_with_another_loader_stream_is_refused(tiny_shards, tmp_path):
+def rewrite_checkpoint(path: Path, change) -> None:
+    saved = load_checkpoint(path)
+    change(saved)
+    save_checkpoint(path, saved)
+
+
+def test_resume_with_another_loader_stream_is_refused_until_the_run_is_finished(tiny_shards, tmp_path):
     # Batches per epoch depend on processes x loader workers; --workers 0 and 1 read alike.
-    first = train(config_of(tiny_shards, tmp_path / "run", epochs=1, workers=0))
+    run = tmp_path / "run"
+    finished = train(config_of(tiny_shards, run, epochs=1, workers=0))
+    assert train(config_of(tiny_shards, run, epochs=1, resume=True, workers=2))["splits"] == finished["splits"]
+    # The same checkpoint as one of a 2-epoch run stopped after its first epoch:
+    rewrite_checkpoint(run / "checkpoints" / "last.pt", lambda saved: saved["config"].update(epochs=2))
     with pytest.raises(UserError, match=r"as 1 process\(es\) x 1 loader worker\(s\); resume it with the same \(now 1 x 2\)"):
-        train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, workers=2))
-    assert train(config_of(tiny_shards, tmp_path / "run", epochs=1, resume=True, workers=1))["splits"] == first["splits"]
+        train(config_of(tiny_shards, run, epochs=2, resume=True, workers=2))
+    train(config_of(tiny_shards, run, epochs=2, resume=True, workers=1))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 12
+
+
+def test_an_option_a_checkpoint_predates_counts_as_its_default(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    first = train(config_of(tiny_shards, run, epochs=1))
+    rewrite_checkpoint(run / "checkpoints" / "last.pt", lambda saved: saved["config"].pop("clip_grad"))
+    with pytest.raises(UserError, match=r"made with other options \(clip_grad\)"):
+        train(config_of(tiny_shards, run, epochs=1, resume=True, clip_grad=1.0))
+    assert train(config_of(tiny_shards, run, epochs=1, resume=True))["splits"] == first["splits"]
+
+
+def test_resume_with_overwrite_is_refused_before_anything_is_deleted(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # a run that stopped before its first checkpoint
+    with pytest.raises(UserError, match=r"^--resume keeps the run in --out and --overwrite deletes it: choose one$"):
+        train(config_of(tiny_shards, run, resume=True, overwrite=True))
+    assert (run / "config.json").read_text() == "{}"
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tiny_shards, tmp_path):

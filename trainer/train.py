@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cfrobust.errors import UserError
-from cfrobust.outputs import check_output_folder, check_replaceable
+from cfrobust.outputs import check_output_folder, check_replaceable, remove_folder
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
@@ -273,6 +273,8 @@ def save_epoch(out: Path, state: RunState, checkpoint: dict, is_best: bool) -> N
 
 def check_config(config: TrainConfig, info: dict) -> None:
     check_log_options(config)
+    if config.resume and config.overwrite:  # with no checkpoint yet, --overwrite would delete the folder
+        raise UserError("--resume keeps the run in --out and --overwrite deletes it: choose one")
     if config.cf_online and config.cf != "none" and config.cf not in ONLINE_FILLS:
         raise UserError(
             f"--cf {config.cf} is offline only: drop --cf-online and read it from shards made with "
@@ -341,16 +343,18 @@ def resume_point(out: Path, config: TrainConfig, check_existing: bool = True) ->
 
 
 def is_failed_start(out: Path) -> bool:
-    """A run folder that holds only the config of a run that stopped before its first
-    checkpoint (a bad shard, a bad option): starting again there loses nothing."""
+    """A run folder that holds only the config (and the opened TensorBoard log) of a run that
+    stopped before its first checkpoint (a bad shard, a bad option): starting again there loses
+    nothing."""
     names = {p.name for p in out.iterdir()}
     checkpoints = out / "checkpoints"
-    return bool(names) and names <= {"config.json", "checkpoints"} and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+    return (bool(names) and names <= {"config.json", "checkpoints", "tensorboard"}
+            and not (checkpoints.is_dir() and any(checkpoints.iterdir())))
 
 
 def prepare_run_folder(out: Path, config: TrainConfig, resuming: bool) -> None:
     if not resuming and out.exists() and config.overwrite:
-        shutil.rmtree(out)
+        remove_folder(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
@@ -382,10 +386,12 @@ def stream_shape(parts: TrainingParts) -> dict:
 def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
     """Load a checkpoint into the run; returns its state and the best weights so far."""
     saved = load_checkpoint(path, map_location="cpu")
-    changed = sorted(k for k, v in saved["config"].items() if k not in RESUMABLE and parts.config.to_dict().get(k) != v)
+    changed = changed_options(saved["config"], parts.config)
     if changed:
         raise UserError(f"{path}: the run was made with other options ({', '.join(changed)}); resume with the same ones")
-    check_same_stream(path, saved.get("stream"), stream_shape(parts))
+    state = RunState(**saved["state"])
+    if state.epoch < parts.config.epochs:  # a finished run reads no more batches
+        check_same_stream(path, saved.get("stream"), stream_shape(parts))
     model.load_state_dict(saved["model"])
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.schedule.load_state_dict(saved["scheduler"])
@@ -394,10 +400,17 @@ def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
     torch.set_rng_state(saved["rng"]["torch"])
     augment = saved["rng"]["augment"]  # one state per rank (a single one before they were gathered)
     parts.generator.set_state(augment[parts.env.rank] if isinstance(augment, list) else augment)
-    state = RunState(**saved["state"])
     best_path = path.with_name("best.pt")
     best = load_checkpoint(best_path)["model"] if best_path.is_file() else copy.deepcopy(model.state_dict())
     return state, best
+
+
+def changed_options(saved: dict, config: TrainConfig) -> list[str]:
+    """The options, beyond RESUMABLE, whose value differs from the checkpoint's. An option that
+    a checkpoint predates counts as saved with its default (a run made before --clip-grad
+    existed did not clip, so a preset that clips now is a change)."""
+    now, defaults = config.to_dict(), TrainConfig().to_dict()
+    return sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE and now.get(k) != saved.get(k, defaults.get(k)))
 
 
 def check_same_stream(path: Path, saved: dict | None, now: dict) -> None:
@@ -408,5 +421,7 @@ def check_same_stream(path: Path, saved: dict | None, now: dict) -> None:
         )
 
 
-RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every", "tensorboard", "quiet"}  # may differ between the two runs
+# Options that may differ between a run and its resumption: where and how it reports and loads.
+# (--workers is further held to the stream shape of an unfinished run: check_same_stream.)
+RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every", "tensorboard", "quiet"}
 
