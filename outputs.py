@@ -7,6 +7,7 @@ is never one of the command's inputs, and neither is a folder where a file is du
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from cfrobust.errors import UserError
@@ -35,6 +36,15 @@ def check_replaceable(out: Path, own_names: set[str], inputs: list[Path], option
             f"{option} {out} holds {foreign[0]!r}, which this command did not write: --overwrite replaces only "
             f"its own output; choose another {option}"
         )
+
+
+def remove_folder(out: Path, option: str = "--out") -> None:
+    """Delete `out` for --overwrite, once check_replaceable has passed. A symbolic link is
+    refused rather than deleted through: the folder it names may be shared."""
+    if out.is_symlink():
+        raise UserError(f"{option} {out} is a symbolic link; --overwrite replaces only a real folder: "
+                        f"give the folder it names ({out.resolve()}) or another {option}")
+    shutil.rmtree(out)
 
 
 def check_output_file(path: Path, inputs: list[Path], option: str = "--out") -> None:

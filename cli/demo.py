@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import click
@@ -26,7 +25,7 @@ def demo(out, seed, epochs, workers, overwrite) -> None:
     compared on test accuracy and worst-group accuracy. About 4 minutes on 2 CPU cores."""
     from cfrobust.datasets import open_dataset
     from cfrobust.errors import UserError
-    from cfrobust.outputs import check_output_folder, check_replaceable
+    from cfrobust.outputs import check_output_folder, check_replaceable, remove_folder
     from cfrobust.preprocess.pipeline import preprocess
     from cfrobust.trainer.config import TrainConfig
     from cfrobust.trainer.report import summary_markdown
@@ -37,7 +36,7 @@ def demo(out, seed, epochs, workers, overwrite) -> None:
         if not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         check_replaceable(out, DEMO_FILES, [])
-        shutil.rmtree(out)
+        remove_folder(out)
     click.echo("1/3 making the built-in dataset into shards")
     preprocess(open_dataset("synthetic", seed=seed), out / "shards", ["tile"], shard_size=250)
     documents = {}

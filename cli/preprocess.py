@@ -76,7 +76,7 @@ def preprocess(
         resume=resume, workers=workers, rank=rank, world_size=world_size,
         cagan=CaganSettings(cagan_weights, device, batch) if cagan_weights else None,
     )
-    print_summary(summaries, out)
+    print_summary(summaries, out, rank if world_size > 1 else None)
 
 
 def adapter_options(dataset: str, given: dict) -> dict:
@@ -111,7 +111,9 @@ def split_files(pairs) -> dict[str, Path]:
     return files
 
 
-def print_summary(summaries, out: Path) -> None:
+def print_summary(summaries, out: Path, rank: int | None = None) -> None:
+    """Per split: samples written and skipped. `rank` is set for one of several processes,
+    whose slice may well be empty (more processes than records) without anything being wrong."""
     for s in summaries:
         kept = f" ({s.resumed_shards} shards kept from the interrupted run)" if s.resumed_shards else ""
         click.echo(f"{s.split:>8}: {s.written} samples written, {len(s.skipped)} skipped{kept}")
@@ -121,4 +123,7 @@ def print_summary(summaries, out: Path) -> None:
             click.echo(f"          ... and {len(s.skipped) - SHOWN_PROBLEMS} more, listed in {out / s.split / '_info.json'}")
     click.echo(f"shards in {out}")
     if summaries and not any(s.written for s in summaries):
+        if rank is not None:
+            click.echo(f"rank {rank} wrote no sample: its slice of every split is empty or was skipped")
+            return
         raise UserError(f"{out}: no sample was written (every split is empty or every record was skipped)")

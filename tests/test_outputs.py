@@ -146,6 +146,33 @@ def test_preprocess_that_writes_no_sample_fails(tmp_path):
                                          f"record was skipped)\n")
 
 
+def test_overwrite_through_a_symbolic_link_is_refused_and_deletes_nothing(tiny_shards, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    link.symlink_to(real)
+    code, output = run_cli(*TRAIN, "--shards", tiny_shards, "--out", link, "--overwrite")
+    assert_one_line_error(code, output, f"--out {link} is a symbolic link; --overwrite replaces only a real folder: "
+                                        f"give the folder it names ({real}) or another --out")
+    assert (real / "config.json").read_text() == "{}" and link.is_symlink()
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_in_place(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "tensorboard").mkdir()
+    (run / "config.json").write_text("{}")
+    assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "eval.json").is_file()
+
+
+def test_a_preprocess_rank_with_an_empty_slice_succeeds_and_says_so(tmp_path):
+    args = ("preprocess", "--dataset", "synthetic", "--synthetic-sizes", "1,1,1", "--out", tmp_path / "s", "--world-size", "2")
+    code, output = run_cli(*args, "--rank", "1")
+    assert code == 0 and "\nrank 1 wrote no sample: its slice of every split is empty or was skipped\n" in output
+    assert run_cli(*args, "--rank", "0")[0] == 0
+
+
 def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):
     run = tmp_path / "run"
     assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
