@@ -11,6 +11,7 @@ import functools
 import itertools
 import json
 import multiprocessing
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +151,24 @@ def check_counts(size: int | None, shard_size: int, workers: int, world_size: in
 def check_same_job(job: Job, info: dict, manifest: Path) -> None:
     """--resume keeps a finished split only if this run would have written the same one."""
     now = {"cf_methods": list(job.cf_methods), "size": job.size, "source": job.dataset.describe()}
-    changed = sorted(key for key, value in now.items() if info.get(key) != value)
+    changed = sorted(key for key, value in now.items() if _same_paths(info.get(key)) != _same_paths(value))
     if changed:
         raise UserError(
             f"{manifest}: made with other options ({', '.join(changed)}); --resume continues the same job: "
             f"pass its options again, or --overwrite to remake the shards"
         )
+
+
+def _same_paths(value):
+    """`value` with every string that names an existing file or folder made absolute, so a
+    dataset given once as `data/cub` and once as `/home/me/data/cub` is the same source."""
+    if isinstance(value, dict):
+        return {k: _same_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_same_paths(v) for v in value]
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:

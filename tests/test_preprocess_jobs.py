@@ -170,6 +170,23 @@ def test_resume_of_a_finished_run_with_other_options_is_refused(clean_run, tmp_p
     assert files(out) == files(clean_run)
 
 
+def test_resume_names_the_same_source_folder_relatively_or_absolutely(clean_run, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+
+    def rooted(root: str):  # a source described by a folder, as the file-based datasets are
+        source = synthetic()
+        source.describe = lambda: {**type(source).describe(source), "root": root}
+        return source
+
+    out = tmp_path / "shards"
+    preprocess(rooted(str(tmp_path / "data")), out, FILLS, shard_size=7, progress=False)
+    monkeypatch.chdir(tmp_path)
+    summaries = preprocess(rooted("data"), out, FILLS, shard_size=7, progress=False, resume=True)
+    assert [s.resumed_shards for s in summaries] == [6, 2, 2]
+    with pytest.raises(UserError, match=r"made with other options \(source\)"):
+        preprocess(rooted("elsewhere"), out, FILLS, shard_size=7, progress=False, resume=True)
+
+
 def test_resume_redoes_a_shard_whose_file_was_damaged(clean_run, tmp_path):
     out = tmp_path / "shards"
     preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
