@@ -17,22 +17,30 @@ import sys
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 << 20
+# Tried in order: glibc before 2.35 refuses an mmap threshold above 32 MiB (half its heap size).
+MMAP_THRESHOLDS = (256 << 20, 32 << 20)
 TRIM_THRESHOLD = 512 << 20
 
-# The user's own choice wins: glibc's tunables, or CFROBUST_SYSTEM_MALLOC=1 for its defaults.
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "CFROBUST_SYSTEM_MALLOC")
+# The user's own choice wins: glibc's malloc settings, or CFROBUST_SYSTEM_MALLOC=1 for its defaults.
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                 "CFROBUST_SYSTEM_MALLOC")
 
 
 def retain_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (and the loader workers it forks
-    later), unless the environment sets them; True when they were raised."""
-    if any(name in os.environ for name in USER_SETTINGS):
+    later), unless the environment sets malloc's behaviour; True when both were raised."""
+    if user_sets_malloc(os.environ):
         return False
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_raised = any(libc.mallopt(_M_MMAP_THRESHOLD, value) for value in MMAP_THRESHOLDS)
+    trim_raised = bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return mmap_raised and trim_raised
+
+
+def user_sets_malloc(environ) -> bool:
+    return any(name in environ for name in USER_SETTINGS) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 
 def _glibc():

@@ -35,7 +35,7 @@ def child_run(mode: str, env: dict) -> tuple[str, int]:
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in (*host_memory.USER_SETTINGS, "GLIBC_TUNABLES")}
     return {**env, **extra}
 
 
@@ -50,3 +50,31 @@ def test_a_freed_large_buffer_stays_resident_once_retained_and_goes_back_otherwi
                                          ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")])
 def test_the_users_own_malloc_settings_are_left_alone(name, value):
     assert child_run("retain", clean_env(**{name: value})) == ("False", 0)
+
+
+def test_only_malloc_tunables_count_as_the_users_choice():
+    assert host_memory.user_sets_malloc({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=4096"}) is False
+    assert host_memory.user_sets_malloc({"GLIBC_TUNABLES": "glibc.rtld.nns=2:glibc.malloc.arena_max=2"}) is True
+    assert host_memory.user_sets_malloc({"MALLOC_TOP_PAD_": "0"}) is True
+    assert host_memory.user_sets_malloc({"PATH": "/bin"}) is False
+
+
+class OldGlibc:
+    """mallopt as glibc before 2.35 answers it: no mmap threshold above 32 MiB."""
+
+    def __init__(self):
+        self.settings = {}
+
+    def mallopt(self, parameter, value):
+        if parameter == host_memory._M_MMAP_THRESHOLD and value > 32 << 20:
+            return 0
+        self.settings[parameter] = value
+        return 1
+
+
+def test_an_older_glibc_gets_the_largest_mmap_threshold_it_accepts_and_the_trim_threshold_still(monkeypatch):
+    libc = OldGlibc()
+    monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
+    monkeypatch.setattr(host_memory.os, "environ", {})
+    assert host_memory.retain_freed_memory() is True
+    assert libc.settings == {host_memory._M_MMAP_THRESHOLD: 32 << 20, host_memory._M_TRIM_THRESHOLD: 512 << 20}
