@@ -47,8 +47,10 @@ def report(runs, by, split, metrics, out, fmt) -> None:
         if out != "-" and suffix not in FORMATS:
             raise UserError(f"--out {out}: unknown extension {suffix or '(none)'!r}; use .md, .csv or .json, or pass --format")
         fmt = FORMATS.get(suffix, "md")
-    if out != "-":  # never over a run's own files
+    if out != "-":  # never over a run's own files, reported or not
         check_output_file(Path(out), [p for run in runs for p in Path(run).rglob("*") if p.name in RUN_FILES])
+        if Path(out).name in RUN_FILES and (Path(out).parent / "config.json").is_file():
+            raise UserError(f"--out {out} is a file of the run in {Path(out).parent}; choose another --out")
     document = build_report(runs, comma_list(by) or None, split, comma_list(metrics) or None)
     text = render(document, fmt)
     if out == "-":

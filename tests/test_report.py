@@ -160,6 +160,7 @@ def test_nested_number_prefers_the_longest_key_and_wants_a_number():
         ("foreign_eval", ["bad", "--out", "-"], "bad/eval.json: not a cfrobust.eval/1 document"),
         ("run", ["bad", "--by", "colour", "--out", "-"], "--by 'colour': not a config field (fields: shards, out, "),
         ("run", ["bad", "--out", "table.txt"], "--out table.txt: unknown extension '.txt'; use .md, .csv or .json, or pass --format"),
+        ("other_run", ["bad", "--out", "other/eval.json"], "--out other/eval.json is a file of the run in other; choose another --out"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, setup, args, message):
@@ -172,10 +173,12 @@ def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, setup, args, messa
     elif setup == "foreign":
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "config.json").write_text(json.dumps({"model": "bert"}))
-    elif setup in ("foreign_eval", "run"):
+    elif setup in ("foreign_eval", "run", "other_run"):
         write_run(tmp_path / "bad", 0, test=figures(0.5, 0.5))
         if setup == "foreign_eval":
             (tmp_path / "bad" / "eval.json").write_text(json.dumps({"schema": "other/1"}))
+        if setup == "other_run":  # a run not among those reported
+            write_run(tmp_path / "other", 1, test=figures(0.5, 0.5))
     result = CliRunner().invoke(cli, ["report", *args])
     assert result.exit_code == 1
     (line,) = result.output.strip().splitlines()
