@@ -150,24 +150,29 @@ def test_plateau_schedule_decays_after_patience_epochs_without_progress():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
 
 
-def test_batch_split_accumulates_the_same_gradient_as_one_pass():
+@pytest.mark.parametrize("terms", [{}, dict(cf="tile", reg="bbox_o", f="shuffle")], ids=["erm", "cf-sal-f"])
+def test_batch_split_accumulates_the_same_gradient_as_one_pass(terms):
+    # One boxed sample, in the first of three chunks: each term is still the whole batch's mean.
     torch.manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    batch = Batch(images=images, labels=torch.tensor([0, 1, 0, 1, 1, 0]), boxes=torch.zeros(6, 1, 4),
-                  box_valid=torch.zeros(6, 1, dtype=torch.bool), groups=["g"] * 6, keys=[str(i) for i in range(6)])
-    grads = []
+    boxed = torch.tensor([[True], [False], [False], [False], [False], [False]])
+    batch = Batch(images=images, labels=torch.tensor([0, 1, 0, 1, 1, 0]), boxes=torch.tensor([[[2.0, 2.0, 6.0, 6.0]]] * 6),
+                  box_valid=boxed, cf={"tile": torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)},
+                  groups=["g"] * 6, keys=[str(i) for i in range(6)])
+    found = []
     for split in (1, 3):
         torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 2))
-        config = TrainConfig(batch_split=split, lr=0.0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2))
+        config = TrainConfig(batch_split=split, lr=0.0, **terms)
         optimizer = make_optimizer(model, config)
-        parts = TrainingParts(model, Objective(config), optimizer, Schedule(optimizer, config, 1),
+        parts = TrainingParts(model, Objective(config, torch.Generator().manual_seed(0)), optimizer, Schedule(optimizer, config, 1),
                               Precision("32", torch.device("cpu")), torch.Generator(), DistEnv(0, 1, 0, torch.device("cpu")), config)
-        terms, logits, _ = optimizer_step(parts, batch)
-        grads.append((model[1].weight.grad.clone(), float(terms["ce"]), logits.shape))
-    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
-    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
-    assert grads[0][2] == grads[1][2] == (6, 2)
+        step_terms, logits, _ = optimizer_step(parts, batch)
+        found.append((model[3].weight.grad.clone(), {k: float(v) for k, v in step_terms.items()}, logits.shape))
+    torch.testing.assert_close(found[1][0], found[0][0], rtol=1e-5, atol=1e-7)
+    assert set(found[0][1]) == {"ce", *(["cf", "sal"] if terms else [])}
+    assert found[1][1] == pytest.approx(found[0][1], rel=1e-5)
+    assert found[0][2] == found[1][2] == (6, 2)
 
 
 def test_chunks_cover_the_batch_in_order():

@@ -75,6 +75,19 @@ class Objective:
             terms["sal"] = config.reg_coeff * self.reg_factor * penalty
         return terms, class_logits(logits["x"], config.cf_loss).detach()
 
+    def rows_per_term(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """How many rows each term of `batch` averages over, as 0-d tensors on the batch's device
+        (no sync): CE the images and their factuals, CF and Sal the boxed samples. A --batch-split
+        chunk's term weighs its rows over the whole batch's, so that the chunks add up to the
+        batch's means even when the boxed samples fall unevenly between them."""
+        boxed = batch.box_valid.any(dim=1).sum()
+        rows = {"ce": boxed + len(batch) if self.factual is not None else torch.full_like(boxed, len(batch))}
+        if self.cf_loss is not None:
+            rows["cf"] = boxed
+        if self.regularizer is not None:
+            rows["sal"] = boxed
+        return rows
+
     def _rows(self, model, batch, x, y, holes, has_box, mixed) -> dict[str, torch.Tensor]:
         """The images of the one forward pass by role: x (or its mix), the unmixed x when mixup
         meets an input-gradient penalty, the factuals and the counterfactuals of boxed samples."""

@@ -209,23 +209,33 @@ def optimizer_step(parts: TrainingParts, batch):
     """One optimizer step over the batch, cut into --batch-split chunks whose gradients add up;
     DDP all-reduces only on the last chunk. Returns the detached terms and logits of x."""
     chunks = batch.chunks(parts.config.batch_split)
+    weights = chunk_weights(parts.objective, chunks)
     parts.optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
     all_logits = []
-    for i, chunk in enumerate(chunks):
+    for i, (chunk, weight) in enumerate(zip(chunks, weights)):
         last = i == len(chunks) - 1
         sync = contextlib.nullcontext() if last or not parts.env.distributed else parts.model.no_sync()
         with sync:
             with parts.precision.autocast():
                 terms, logits = parts.objective(parts.model, chunk)
-            weight = len(chunk) / len(batch)
-            parts.precision.backward(sum(terms.values()) * weight)
+            terms = {name: value * weight[name] for name, value in terms.items()} if weight else terms
+            parts.precision.backward(sum(terms.values()))
         for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + value.detach().float() * weight
+            totals[name] = totals.get(name, 0.0) + value.detach().float()
         all_logits.append(logits)
     parts.precision.step(parts.optimizer, parts.config.clip_grad)
     parts.schedule.after_step()
     return totals, torch.cat(all_logits), batch
+
+
+def chunk_weights(objective, chunks: list) -> list[dict]:
+    """Per chunk, each term's share of the batch's rows of that term ({} for a single chunk)."""
+    if len(chunks) == 1:
+        return [{}]
+    rows = [objective.rows_per_term(chunk) for chunk in chunks]
+    totals = {name: sum(r[name] for r in rows).clamp(min=1) for name in rows[0]}
+    return [{name: count / totals[name] for name, count in r.items()} for r in rows]
 
 
 def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
