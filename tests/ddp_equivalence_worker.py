@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.reader import collate, iter_samples
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.distributed import setup_distributed, teardown_distributed
@@ -18,6 +19,8 @@ from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimiz
 
 def three_steps(config: TrainConfig, env) -> dict:
     samples = list(iter_samples(sorted(Path(config.shards, "train").glob("*.tar")), [config.cf]))
+    experiment = DataExperiment(config.seed, config.data_ratio, config.box_fraction, config.bbox_noise)
+    samples = [experiment.apply(s) for s in samples]  # --box-fraction: boxes fall unevenly on the ranks
     size = config.batch * env.world_size  # the global batch
     batches = [collate(samples[i * size : (i + 1) * size]) for i in range(3)]
     model, wrapped = make_model(config, 2, env)

@@ -162,29 +162,30 @@ def test_torchrun_two_processes_end_with_identical_weights(tiny_shards, tmp_path
 def test_two_processes_and_one_with_the_same_global_batch_reach_the_same_weights(tiny_shards, tmp_path):
     """DDP averages the ranks' gradients; one process accumulating the same two halves
     (--batch-split 2) must take the same optimizer steps, also when the saliency map comes
-    from extra passes through the unwrapped model (deeplift, grad_cam)."""
+    from extra passes through the unwrapped model (deeplift, grad_cam), and when only some
+    samples keep their boxes (--box-fraction), so that the ranks hold different numbers."""
     worker = Path(__file__).with_name("ddp_equivalence_worker.py")
-    reg_grads = ["grad_y", "deeplift", "grad_cam"]
+    runs = [dict(reg_grad="grad_y"), dict(reg_grad="deeplift"), dict(reg_grad="grad_cam"), dict(reg_grad="grad_y", box_fraction=0.3)]
     common = dict(shards=str(tiny_shards), out="", arch="simple-cnn", batch=8, lr=0.1, cf="tile", reg="bbox_o", reg_coeff=10.0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = json.dumps([TrainConfig(**common, reg_grad=g).to_dict() for g in reg_grads])
-    one = json.dumps([TrainConfig(**{**common, "batch": 16, "batch_split": 2}, reg_grad=g).to_dict() for g in reg_grads])
+    two = json.dumps([TrainConfig(**common, **run).to_dict() for run in runs])
+    one = json.dumps([TrainConfig(**{**common, "batch": 16, "batch_split": 2}, **run).to_dict() for run in runs])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
                     two, str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
     subprocess.run([sys.executable, str(worker), one, str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
     torch.manual_seed(0)  # as make_model does for seed 0
     initial = build_model("simple-cnn", 2).state_dict()
     finals = []
-    for index, reg_grad in enumerate(reg_grads):
+    for index, run in enumerate(runs):
         single = torch.load(tmp_path / f"{index}-world1-rank0.pt", weights_only=True)
         for rank in (0, 1):
             ranked = torch.load(tmp_path / f"{index}-world2-rank{rank}.pt", weights_only=True)
             for name, tensor in single.items():
-                assert torch.allclose(ranked[name], tensor, atol=1e-5, rtol=1e-4), (reg_grad, rank, name)
+                assert torch.allclose(ranked[name], tensor, atol=1e-5, rtol=1e-4), (run, rank, name)
         assert not torch.allclose(single["0.weight"], initial["0.weight"])  # the steps did move the weights
         finals.append(single["0.weight"])
-    for a, b in itertools.combinations(range(len(reg_grads)), 2):
-        assert not torch.allclose(finals[a], finals[b]), (reg_grads[a], reg_grads[b])  # each map steers differently
+    for a, b in itertools.combinations(range(len(runs)), 2):
+        assert not torch.allclose(finals[a], finals[b]), (runs[a], runs[b])  # each run steers differently
 
 
 def test_torchrun_max_restarts_resumes_a_killed_rank_to_the_same_weights(tiny_shards, tmp_path):

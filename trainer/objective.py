@@ -54,7 +54,7 @@ class Objective:
         x = normalize(batch.images)
         y = batch.labels
         # Plain ERM needs neither the holes nor which samples have boxes: skip the work.
-        needs_boxes = self.factual is not None or self.cf_loss is not None or self.regularizer is not None
+        needs_boxes = self.counts_boxes
         holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3]) if needs_boxes else None
         has_box = batch.box_valid.any(dim=1) if needs_boxes else None
         mixed = mixup(x, y, config.mixup, self.generator) if config.mixup > 0 else None
@@ -74,6 +74,11 @@ class Objective:
             penalty = self.regularizer(grads, holes, has_box, inputs=x.detach(), counterfactuals=rows.get("cf"))
             terms["sal"] = config.reg_coeff * self.reg_factor * penalty
         return terms, class_logits(logits["x"], config.cf_loss).detach()
+
+    @property
+    def counts_boxes(self) -> bool:
+        """Whether a term averages over the boxed samples, whose number varies by batch."""
+        return self.factual is not None or self.cf_loss is not None or self.regularizer is not None
 
     def rows_per_term(self, batch: Batch) -> dict[str, torch.Tensor]:
         """How many rows each term of `batch` averages over, as 0-d tensors on the batch's device

@@ -209,33 +209,49 @@ def optimizer_step(parts: TrainingParts, batch):
     """One optimizer step over the batch, cut into --batch-split chunks whose gradients add up;
     DDP all-reduces only on the last chunk. Returns the detached terms and logits of x."""
     chunks = batch.chunks(parts.config.batch_split)
-    weights = chunk_weights(parts.objective, chunks)
+    loss_weights, log_weights = chunk_weights(parts, chunks)
     parts.optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
     all_logits = []
-    for i, (chunk, weight) in enumerate(zip(chunks, weights)):
+    for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
         sync = contextlib.nullcontext() if last or not parts.env.distributed else parts.model.no_sync()
         with sync:
             with parts.precision.autocast():
                 terms, logits = parts.objective(parts.model, chunk)
-            terms = {name: value * weight[name] for name, value in terms.items()} if weight else terms
-            parts.precision.backward(sum(terms.values()))
+            parts.precision.backward(sum(value * loss_weights[i].get(name, 1) for name, value in terms.items()))
         for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + value.detach().float()
+            totals[name] = totals.get(name, 0.0) + value.detach().float() * log_weights[i].get(name, 1)
         all_logits.append(logits)
     parts.precision.step(parts.optimizer, parts.config.clip_grad)
     parts.schedule.after_step()
     return totals, torch.cat(all_logits), batch
 
 
-def chunk_weights(objective, chunks: list) -> list[dict]:
-    """Per chunk, each term's share of the batch's rows of that term ({} for a single chunk)."""
-    if len(chunks) == 1:
-        return [{}]
+def chunk_weights(parts: TrainingParts, chunks: list) -> tuple[list[dict], list[dict]]:
+    """Per chunk, each term's weight in the loss and in this rank's log ({}: all 1). In the loss
+    a term weighs its rows' share of the step's rows of that term, over every rank under DDP
+    (whose gradient average divides by the world size again), so each term is the mean over
+    the global batch however the boxed samples fall between chunks and ranks: a chunk or rank
+    without boxes would otherwise pull CF and Sal toward 0. The log keeps this rank's means.
+    One small all-reduce per step, and only when a term counts boxed samples."""
+    objective, env = parts.objective, parts.env
+    across_ranks = env.distributed and objective.counts_boxes
+    if len(chunks) == 1 and not across_ranks:
+        return [{}], [{}]
     rows = [objective.rows_per_term(chunk) for chunk in chunks]
-    totals = {name: sum(r[name] for r in rows).clamp(min=1) for name in rows[0]}
-    return [{name: count / totals[name] for name, count in r.items()} for r in rows]
+    names = list(rows[0])
+    local = torch.stack([sum(r[name] for r in rows) for name in names]).float()
+    step = local.clone()
+    if across_ranks:
+        torch.distributed.all_reduce(step)
+    step = step.clamp(min=1) / (env.world_size if across_ranks else 1)
+    local = local.clamp(min=1)
+
+    def shares(totals: torch.Tensor) -> list[dict]:
+        return [{name: r[name] / totals[i] for i, name in enumerate(names)} for r in rows]
+
+    return shares(step), shares(local)
 
 
 def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
