@@ -157,7 +157,9 @@ def decode_sample(raw: dict, cf_methods: list[str], num_classes: int | None = No
     where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
     for ext in required_exts(cf_methods):
         if ext not in raw:
-            raise UserError(f"{where} has no {ext!r} part (were the shards made with this --cf?)")
+            why = ("a damaged shard? `cfrobust shards verify` checks every sample" if ext in (IMAGE_EXT, META_EXT)
+                   else "were the shards made with this --cf?")
+            raise UserError(f"{where} has no {ext!r} part ({why})")
     try:
         meta = json.loads(raw[META_EXT])
         sample = {
@@ -338,9 +340,22 @@ class EvalShards(IterableDataset):
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
         names = [s["name"] for s in self.info["shards"]]
         mine = shards_for_worker(names, self.rank * num_workers + worker, self.world_size * num_workers)
-        raws = iter_raw_samples([self.split_dir / n for n in mine], [])
+        raws = self._counted_samples(mine)
         while chunk := list(itertools.islice(raws, self.batch_size)):
             yield collate(decode_many(chunk, [], len(self.info["classes"])))
+
+    def _counted_samples(self, names: list[str]) -> Iterator[dict]:
+        """The raw samples of these shards, each shard held to its count in the manifest: a
+        truncated shard would otherwise score a part of the split as if it were all of it."""
+        promised = {s["name"]: s["num_samples"] for s in self.info["shards"]}
+        for name in names:
+            read = 0
+            for raw in iter_raw_samples([self.split_dir / name], []):
+                read += 1
+                yield raw
+            if read != promised[name]:
+                raise UserError(f"{self.split_dir / name}: holds {read} samples where {INFO_NAME} counts {promised[name]}; "
+                                f"`cfrobust shards verify` finds the damage")
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:

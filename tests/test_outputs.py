@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 
 import pytest
 from click.testing import CliRunner
@@ -171,6 +173,23 @@ def test_a_preprocess_rank_with_an_empty_slice_succeeds_and_says_so(tmp_path):
     code, output = run_cli(*args, "--rank", "1")
     assert code == 0 and "\nrank 1 wrote no sample: its slice of every split is empty or was skipped\n" in output
     assert run_cli(*args, "--rank", "0")[0] == 0
+
+
+def test_eval_refuses_a_truncated_shard_instead_of_scoring_part_of_the_split(tiny_shards, tmp_path):
+    run, shards = tmp_path / "run", tmp_path / "shards"
+    assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
+    shutil.copytree(tiny_shards, shards)
+    shard = shards / "test" / "test-000000.tar"
+    with tarfile.open(shard) as archive:  # the first 8 of its 16 samples, each a whole sample
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})[:8]
+    with tarfile.open(shard, "w") as archive:
+        for member, data in members:
+            if member.name.split(".")[0] in keys:
+                archive.addfile(member, io.BytesIO(data))
+    code, output = run_cli("eval", "--checkpoint", run / "checkpoints" / "best.pt", "--shards", shards, "--out", tmp_path / "e.json")
+    assert_one_line_error(code, output, f"{shard}: holds 8 samples where _info.json counts 16; `cfrobust shards verify` "
+                                        f"finds the damage")
 
 
 def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):

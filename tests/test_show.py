@@ -160,6 +160,25 @@ def test_checkpoint_adds_attacks_and_saliency_columns(tiny_shards, checkpoint):
             assert (grid.tile_at(row, column[title]) != original).any()
 
 
+def test_a_damaged_or_foreign_checkpoint_is_one_line_in_show_and_eval(tiny_shards, checkpoint, tmp_path):
+    from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    cases = {
+        "no-classes.pt": ({k: v for k, v in state.items() if k != "classes"}, "not a checkpoint of `cfrobust train` "
+                                                                               "(no class names or architecture)"),
+        "other-arch.pt": ({**state, "config": {**state["config"], "arch": "resnet18"}},
+                          "the weights do not fit a resnet18 with 2 classes (Error(s) in loading state_dict for ResNet:"),
+        "renamed.pt": ({**state, "classes": ["x", "y"]}, "trained on classes ['x', 'y'], but "),
+    }
+    for name, (saved, message) in cases.items():
+        save_checkpoint(tmp_path / name, saved)
+        for command in (["show", "--out", str(tmp_path / "g.png")], ["eval", "--out", str(tmp_path / "e.json")]):
+            result = CliRunner().invoke(cli, [*command, "--shards", str(tiny_shards), "--checkpoint", str(tmp_path / name)])
+            assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+            assert result.output.startswith(f"Error: {tmp_path / name}: {message}"), result.output
+
+
 def test_saliency_maps_are_not_constant(tiny_shards, checkpoint):
     info = split_info(tiny_shards / "val")
     samples = list(iter_samples([tiny_shards / "val" / info["shards"][0]["name"]], []))[:4]

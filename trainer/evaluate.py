@@ -19,12 +19,10 @@ from cfrobust.outputs import check_output_file
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import EvalShards, make_loader
 from cfrobust.shards.schema import INFO_NAME
-from cfrobust.trainer.checkpoint import load_checkpoint
-from cfrobust.trainer.counterfactual import output_size
+from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.derived import derived_figures
 from cfrobust.trainer.focus import batch_saliency_focus
 from cfrobust.trainer.metrics import anomaly_scores, mean_of_finite, ood_detection, split_metrics
-from cfrobust.trainer.models import build_model
 from cfrobust.trainer.ood import check_noise_kinds, noise_scores
 from cfrobust.trainer.pixels import normalize
 
@@ -143,7 +141,7 @@ def evaluate_checkpoint(
         raise UserError(f"--ood-samples must be at least 1, got {ood_samples}")
     env = setup_distributed(device)
     try:
-        state = load_checkpoint(checkpoint, map_location="cpu")
+        model, config, classes = load_classifier(checkpoint)
         available = list_splits(shards)
         splits = splits or [s for s in available if s != "train"]
         if not splits:
@@ -151,17 +149,14 @@ def evaluate_checkpoint(
         missing = [s for s in splits if s not in available]
         if missing:
             raise UserError(f"{shards}: no split {missing[0]!r} (found: {', '.join(available)})")
-        check_classes(checkpoint, state["classes"], shards, splits)
-        num_classes = len(state["classes"])
-        outputs = output_size(num_classes, state["config"].get("cf_loss", "logp"))
-        model = build_model(state["config"]["arch"], outputs)
-        model.load_state_dict(state["model"])
+        check_classes(checkpoint, classes, shards, splits)
+        num_classes = len(classes)
         model.to(env.device)
         results = evaluate_splits(
             model, shards, splits, env, batch_size, workers, num_classes,
             ood=ood, ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,
         )
-        document = eval_document(checkpoint, state["config"], results, shards)
+        document = eval_document(checkpoint, config, results, shards)
         if ood:
             document["ood_seed"] = ood_seed
         if env.is_main:

@@ -24,12 +24,11 @@ from cfrobust.shards.reader import Batch, collate, decode_sample, split_info
 from cfrobust.shards.schema import INFO_NAME, MASK_EXT, decode_gray
 from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.trainer.attributions import grad_cam
-from cfrobust.trainer.checkpoint import load_checkpoint
+from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.counterfactual import class_logits, output_size
+from cfrobust.trainer.counterfactual import class_logits
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import pixel_units
-from cfrobust.trainer.models import build_model
 from cfrobust.trainer.pixels import box_masks, normalize
 from cfrobust.trainer.saliency import input_gradient, target_logit
 
@@ -183,14 +182,10 @@ def check_modes(modes: list[str] | None, have_model: bool) -> list[str]:
 
 def load_model(checkpoint, shard_classes: list[str], device: torch.device) -> ShownModel:
     """The checkpoint's weights in its architecture, in eval mode, checked against the shards' classes."""
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    config = TrainConfig.from_dict(state["config"])
-    classes = list(state.get("classes") or shard_classes)
-    if len(classes) != len(shard_classes):
-        raise UserError(f"{checkpoint}: trained on {len(classes)} classes, the shards have {len(shard_classes)}")
-    model = build_model(config.arch, output_size(len(classes), config.cf_loss))
-    model.load_state_dict(state["model"])
-    return ShownModel(model.to(device).eval(), config, classes)
+    model, config, classes = load_classifier(checkpoint)
+    if classes != list(shard_classes):  # logit k must be the shards' class k
+        raise UserError(f"{checkpoint}: trained on classes {classes}, but the shards have {list(shard_classes)}")
+    return ShownModel(model.to(device).eval(), TrainConfig.from_dict(config), classes)
 
 
 def predict(shown: ShownModel, batch: Batch) -> tuple[list[str], list[float]]:
