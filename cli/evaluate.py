@@ -44,7 +44,7 @@ def evaluate(checkpoint, shards, out, splits, ood, ood_samples, ood_seed, salien
     for split, figures in document["splits"].items():
         click.echo(split_line(split, figures))
     for name, value in document["derived"].items():
-        click.echo(f"{name}: {value:.4f}")
+        click.echo(f"{name}: {_fmt(value)}")  # None where a split lacks the groups a figure needs
     click.echo(f"written to {out}")
 
 

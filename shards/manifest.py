@@ -52,6 +52,8 @@ def list_splits(root) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: a file, not a shard folder" if root.exists() else f"{root}: no such shard folder")
+    if (root / INFO_NAME).is_file():
+        raise UserError(f"{root} is one split's folder; pass the shard root above it to --shards")
     names = sorted(p.name for p in root.iterdir() if (p / INFO_NAME).is_file())
     if not names:
         raise UserError(f"{root}: no shards here (no <split>/{INFO_NAME}); run `cfrobust preprocess` first")

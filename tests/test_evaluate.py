@@ -198,3 +198,18 @@ def test_two_ranks_gather_the_figures_of_one_process(tiny_shards, checkpoint, mo
             for name in ("n", "accuracy", "loss", "ece", "auroc", "aupr", "saliency_focus"):
                 assert b[name] == pytest.approx(a[name], rel=1e-6), name
             assert b["ood"]["gaussian"] == pytest.approx(a["ood"]["gaussian"])
+
+
+def test_a_derived_figure_a_split_cannot_give_prints_as_a_dash(checkpoint, tmp_path):
+    import json
+
+    from cfrobust.datasets import open_dataset
+    from cfrobust.preprocess.pipeline import preprocess
+
+    shards = tmp_path / "shards"  # one test image: one of the synthetic dataset's groups is missing
+    preprocess(open_dataset("synthetic", seed=3, sizes=(16, 4, 1), image_size=32), shards, [], progress=False)
+    result = run_eval(shards, checkpoint, tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    derived = json.loads((tmp_path / "e.json").read_text())["derived"]
+    missing = [name for name, value in derived.items() if value is None]
+    assert missing and all(f"\n{name}: -\n" in result.output for name in missing)

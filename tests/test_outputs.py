@@ -11,6 +11,9 @@ from click.testing import CliRunner
 
 from cfrobust.cli.main import cli
 from cfrobust.errors import UserError, user_message
+from cfrobust.trainer.checkpoint import save_checkpoint
+from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.models import build_model
 
 TRAIN = ["train", "--arch", "simple-cnn", "--epochs", "1", "--batch", "32", "--workers", "0", "--device", "cpu"]
 
@@ -190,6 +193,17 @@ def test_eval_refuses_a_truncated_shard_instead_of_scoring_part_of_the_split(tin
     code, output = run_cli("eval", "--checkpoint", run / "checkpoints" / "best.pt", "--shards", shards, "--out", tmp_path / "e.json")
     assert_one_line_error(code, output, f"{shard}: holds 8 samples where _info.json counts 16; `cfrobust shards verify` "
                                         f"finds the damage")
+
+
+def test_a_split_folder_given_as_the_shard_root_is_named_by_every_command(tiny_shards, tmp_path):
+    message = f"{tiny_shards / 'val'} is one split's folder; pass the shard root above it to --shards"
+    code, output = run_cli(*TRAIN, "--shards", tiny_shards / "val", "--out", tmp_path / "run")
+    assert_one_line_error(code, output, message)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, {"model": build_model("simple-cnn", 2).state_dict(),
+                                 "config": TrainConfig(arch="simple-cnn").to_dict(), "classes": ["disk", "ring"]})
+    code, output = run_cli("eval", "--checkpoint", checkpoint, "--shards", tiny_shards / "val", "--out", tmp_path / "e.json")
+    assert_one_line_error(code, output, message)
 
 
 def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):

@@ -21,7 +21,7 @@ from cfrobust.distributed import choose_device
 from cfrobust.errors import UserError
 from cfrobust.shards.manifest import list_splits
 from cfrobust.shards.reader import Batch, collate, decode_sample, split_info
-from cfrobust.shards.schema import INFO_NAME, MASK_EXT, decode_gray
+from cfrobust.shards.schema import MASK_EXT, decode_gray
 from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.trainer.attributions import grad_cam
 from cfrobust.trainer.checkpoint import load_classifier
@@ -120,8 +120,6 @@ def choose_samples(shards, split: str, count: int, seed: int) -> tuple[list[dict
     """`count` samples of the split drawn with `seed` (all of them when it holds fewer), in
     manifest order, with the manifest and notes for the user."""
     root = Path(shards)
-    if (root / INFO_NAME).is_file():
-        raise UserError(f"{root} is one split's folder; pass the shard root above it to --shards")
     available = list_splits(root)
     if split not in available:
         raise UserError(f"{root}: no split {split!r} (found: {', '.join(available)})")
