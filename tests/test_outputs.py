@@ -6,6 +6,8 @@ import io
 import shutil
 import tarfile
 
+import cv2
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -97,6 +99,8 @@ def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path):
     (["--reg-coeff", "-5"], "--reg-coeff -5: a loss weight must be 0 or more"),
     (["--batch-split", "64"], "--batch-split 64 cuts a batch of 32 into more chunks than images"),
     (["--device", "gpu"], "--device gpu: not a device; use auto, cpu, cuda or cuda:N"),
+    (["--reg", "bbox_o", "--reg-anneal", "1"], "--reg-anneal 1 with --epochs 1: the saliency weight would never reach "
+                                                "--reg-coeff; anneal over fewer epochs than the run has"),
 ])
 def test_out_of_range_training_options_are_named_with_their_value(tiny_shards, tmp_path, options, expected):
     args = [a for a in TRAIN if a not in ("--device", "cpu")] if "--device" in options else TRAIN
@@ -113,6 +117,19 @@ def test_out_of_range_training_options_are_named_with_their_value(tiny_shards, t
 def test_out_of_range_preprocess_options_are_named_with_their_value(tmp_path, options, expected):
     code, output = run_cli("preprocess", "--dataset", "synthetic", "--out", tmp_path / "s", *options)
     assert_one_line_error(code, output, expected)
+
+
+def test_training_on_one_class_is_refused(tmp_path):
+    from cfrobust.datasets import open_dataset
+    from cfrobust.preprocess.pipeline import preprocess
+
+    images = tmp_path / "images" / "train" / "bird"  # the folder dataset: one class folder
+    images.mkdir(parents=True)
+    for i in range(4):
+        cv2.imwrite(str(images / f"{i}.png"), np.full((16, 16, 3), 60 * i, np.uint8))
+    preprocess(open_dataset("folder", root=tmp_path / "images"), tmp_path / "s", ["tile"], progress=False)
+    code, output = run_cli(*TRAIN, "--shards", tmp_path / "s", "--out", tmp_path / "run", "--batch", "2")
+    assert_one_line_error(code, output, f"{tmp_path / 's'}/train: 1 class (bird); a classifier needs at least 2")
 
 
 def test_eval_refuses_shards_of_other_classes(tiny_shards, tmp_path):

@@ -299,6 +299,12 @@ def save_epoch(out: Path, state: RunState, checkpoint: dict, is_best: bool) -> N
 
 def check_config(config: TrainConfig, info: dict) -> None:
     check_log_options(config)
+    if len(info["classes"]) < 2:  # CE is 0 and the CF losses infinite or NaN with one class
+        raise UserError(f"{config.shards}/train: {len(info['classes'])} class ({', '.join(info['classes'])}); "
+                        f"a classifier needs at least 2")
+    if config.reg != "none" and 0 < config.epochs <= config.reg_anneal:
+        raise UserError(f"--reg-anneal {config.reg_anneal} with --epochs {config.epochs}: the saliency weight would "
+                        f"never reach --reg-coeff; anneal over fewer epochs than the run has")
     if config.resume and config.overwrite:  # with no checkpoint yet, --overwrite would delete the folder
         raise UserError("--resume keeps the run in --out and --overwrite deletes it: choose one")
     if config.cf_online and config.cf != "none" and config.cf not in ONLINE_FILLS:
