@@ -27,9 +27,12 @@ def verify(directory: Path) -> None:
     Leftover *.tmp files and unlisted .tar files are reported as warnings; exit status 1 means
     at least one problem."""
     from cfrobust.shards.manifest import read_info
-    from cfrobust.shards.verify import stray_files, verify_dirs, verify_split
+    from cfrobust.shards.verify import stray_files, unlisted_splits, verify_dirs, verify_split
 
-    failed = 0
+    unlisted = unlisted_splits(directory)
+    for problem in unlisted:
+        click.echo(problem)
+    failed = len(unlisted)
     for split_dir in verify_dirs(directory):
         for warning in stray_files(split_dir):
             click.echo(f"warning: {warning}")

@@ -39,6 +39,22 @@ def verify_dirs(path) -> list[Path]:
     return [path / name for name in list_splits(path)]
 
 
+def unlisted_splits(path) -> list[str]:
+    """Problems for the folders under a shard root that hold shards or partial manifests but no
+    manifest (an interrupted or unmerged preprocess): every other command skips such a split."""
+    path = Path(path)
+    if (path / INFO_NAME).is_file() or not path.is_dir():
+        return []
+    problems = []
+    for folder in sorted((p for p in path.iterdir() if p.is_dir() and not (p / INFO_NAME).is_file()), key=split_order):
+        if part_files(folder):
+            problems.append(f"{folder.name}: partial manifests but no {INFO_NAME}; run `cfrobust shards merge {path}` "
+                            f"once every process has finished")
+        elif any(folder.glob("*.tar")):
+            problems.append(f"{folder.name}: shards but no {INFO_NAME} (an interrupted preprocess? run it again with --resume)")
+    return problems
+
+
 def merge_dirs(path) -> list[Path]:
     """The split folders `merge` combines: PATH itself when it holds partial manifests, else its splits."""
     path = Path(path)

@@ -384,3 +384,18 @@ def test_verify_points_an_unmerged_split_to_merge(root):
     result = run("verify", root / "val")
     assert (result.exit_code, result.output) == (
         1, f"Error: {root / 'val'}: only partial manifests here; run `cfrobust shards merge {root / 'val'}` first\n")
+
+
+def test_verify_of_a_root_names_splits_that_lost_or_never_got_their_manifest(root):
+    split_into_parts(root / "val", [1, 1], [[], []])  # an unmerged multi-process split
+    shutil.copytree(root / "train", root / "extra")
+    (root / "extra" / "_info.json").unlink()  # shards of an interrupted run
+    (root / "notes").mkdir()  # a folder of anything else is none of verify's business
+    result = run("verify", root)
+    assert result.exit_code == 1
+    assert lines(result.output) == [
+        f"val: partial manifests but no _info.json; run `cfrobust shards merge {root}` once every process has finished",
+        "extra: shards but no _info.json (an interrupted preprocess? run it again with --resume)",
+        *[line for line in ALL_OK if not line.startswith("val:")],
+        f"Error: 2 problems in {root}",
+    ]
