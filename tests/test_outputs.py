@@ -223,6 +223,22 @@ def test_a_split_folder_given_as_the_shard_root_is_named_by_every_command(tiny_s
     assert_one_line_error(code, output, message)
 
 
+def test_eval_out_replaces_an_earlier_eval_json_and_nothing_else(tiny_shards, tmp_path):
+    run, shards = tmp_path / "run", tmp_path / "shards"
+    assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0
+    shutil.copytree(tiny_shards, shards)
+    evaluate = ("eval", "--checkpoint", run / "checkpoints" / "best.pt", "--shards", shards, "--out")
+    manifest = shards / "val" / "_info.json"
+    code, output = run_cli(*evaluate, manifest)
+    assert_one_line_error(code, output, f"--out {manifest} lies inside --shards {shards}; write the eval JSON elsewhere")
+    last = run / "checkpoints" / "last.pt"
+    code, output = run_cli(*evaluate, last)
+    assert_one_line_error(code, output, f"--out {last} exists and is not an eval JSON; --out replaces only an earlier "
+                                        f"one: choose another")
+    assert manifest.read_bytes() == (tiny_shards / "val" / "_info.json").read_bytes()
+    assert run_cli(*evaluate, run / "eval.json")[0] == 0  # the run's own eval JSON may be rescored
+
+
 def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):
     run = tmp_path / "run"
     assert run_cli(*TRAIN, "--shards", tiny_shards, "--out", run)[0] == 0

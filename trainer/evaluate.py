@@ -134,7 +134,7 @@ def evaluate_checkpoint(
 ) -> dict:
     """`cfrobust eval`: score a saved checkpoint on shard splits and write the eval JSON."""
     check_noise_kinds(list(ood))  # before any work
-    check_output_file(Path(out), [Path(checkpoint)])
+    check_eval_output(Path(out), Path(checkpoint), Path(shards))
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch {batch_size} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
     if ood_samples is not None and ood_samples < 1:
@@ -164,6 +164,23 @@ def evaluate_checkpoint(
         return document
     finally:
         teardown_distributed()
+
+
+def check_eval_output(out: Path, checkpoint: Path, shards: Path) -> None:
+    """--out may replace an earlier eval JSON, and nothing else: not the checkpoint, nothing
+    under --shards, no other file (a manifest, a shard, another checkpoint)."""
+    check_output_file(out, [checkpoint])
+    if shards.exists() and (out.resolve() == shards.resolve() or shards.resolve() in out.resolve().parents):
+        raise UserError(f"--out {out} lies inside --shards {shards}; write the eval JSON elsewhere")
+    if out.is_file() and not is_eval_document(out):
+        raise UserError(f"--out {out} exists and is not an eval JSON; --out replaces only an earlier one: choose another")
+
+
+def is_eval_document(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("schema") == EVAL_SCHEMA
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def check_classes(checkpoint, classes: list[str], shards, splits: list[str]) -> None:
