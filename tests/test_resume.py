@@ -222,3 +222,14 @@ def test_a_negative_clip_norm_is_refused(tiny_shards, tmp_path):
 def test_fp16_needs_a_gpu():
     with pytest.raises(UserError, match="--precision 16 needs a CUDA device"):
         Precision("16", torch.device("cpu"))
+
+
+def test_ranks_that_disagree_about_the_checkpoint_all_stop(monkeypatch, tmp_path):
+    import cfrobust.trainer.train as train_module
+
+    env = DistEnv(0, 3, 0, torch.device("cpu"))
+    monkeypatch.setattr(train_module, "gather_objects", lambda found, env: [True, False, True])
+    with pytest.raises(UserError, match=r"last.pt: rank\(s\) 1 cannot see it; --out must be on a filesystem that every node sees$"):
+        train_module.check_ranks_agree(tmp_path, True, env)
+    monkeypatch.setattr(train_module, "gather_objects", lambda found, env: [False, False, False])
+    train_module.check_ranks_agree(tmp_path, False, env)  # a fresh run everywhere

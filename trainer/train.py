@@ -68,6 +68,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     splits, info = training_manifest(config)
     out = Path(config.out)
     checkpoint = resume_point(out, config, check_existing=env.is_main)
+    check_ranks_agree(out, checkpoint is not None, env)
     if env.is_main:
         prepare_run_folder(out, config, resuming=checkpoint is not None)
     num_classes = len(info["classes"])
@@ -372,6 +373,16 @@ def resume_point(out: Path, config: TrainConfig, check_existing: bool = True) ->
     elif any(out.iterdir()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --out")
     return None
+
+
+def check_ranks_agree(out: Path, resuming: bool, env: DistEnv) -> None:
+    """Every rank resumes, or none: a rank on a node that cannot see the checkpoint would start
+    afresh and wait forever for the others. The same error on every rank, so all stop."""
+    seen = gather_objects(resuming, env)
+    if len(set(seen)) > 1:
+        blind = ", ".join(str(rank) for rank, found in enumerate(seen) if not found)
+        raise UserError(f"{out / 'checkpoints' / 'last.pt'}: rank(s) {blind} cannot see it; --out must be on a "
+                        f"filesystem that every node sees")
 
 
 def is_failed_start(out: Path) -> bool:
