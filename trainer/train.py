@@ -71,28 +71,8 @@ def train_in(env: DistEnv, config: TrainConfig):
     check_ranks_agree(out, checkpoint is not None, env)
     if env.is_main:
         prepare_run_folder(out, config, resuming=checkpoint is not None)
-    num_classes = len(info["classes"])
-    model, ddp_model = make_model(config, num_classes, env)
-    data = TrainShards(
-        Path(config.shards) / "train",
-        config.batch,
-        [config.cf] if config.cf != "none" and not config.cf_online else [],
-        config.seed,
-        env.rank,
-        env.world_size,
-        config.workers,
-        experiment=DataExperiment(config.seed, config.data_ratio, config.box_fraction, config.bbox_noise),
-    )
-    optimizer = make_optimizer(model, config)
-    schedule = Schedule(optimizer, config, steps_per_epoch=len(data))
-    precision = Precision(config.precision, env.device)
-    # Augmentation randomness differs per rank (each sees other images) but is seeded.
-    generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
-    objective = Objective(config, generator)
-    parts = TrainingParts(ddp_model, objective, optimizer, schedule, precision, generator, env, config)
-    state, best_weights = RunState(), None
-    if checkpoint is not None:
-        state, best_weights = restore(checkpoint, model, parts)
+    model, data, parts = build_training(config, info, env)
+    state, best_weights = restore(checkpoint, model, parts) if checkpoint is not None else (RunState(), None)
     select_on = selection_split([s for s in splits if read_info(Path(config.shards) / s)["num_samples"] > 0])
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
 
@@ -104,34 +84,65 @@ def train_in(env: DistEnv, config: TrainConfig):
     with TrainLog(out, config, env.is_main) as log:
         for epoch in range(state.epoch, config.epochs):
             data.set_epoch(epoch)
-            objective.set_epoch(epoch)
+            parts.objective.set_epoch(epoch)
             stats = train_one_epoch(parts, loader, state, epoch, log, save_mid_epoch)
             sync_buffers(model, env)  # BatchNorm statistics drift apart per rank; keep rank 0's
             record = {"epoch": epoch + 1, "step": state.step, **stats}
-            if select_on:
-                val = evaluate_splits(model, config.shards, [select_on], env, 2 * config.batch, num_classes=num_classes)
-                record["val"] = {k: val[select_on][k] for k in VAL_FIGURES}
-                record["val"]["split"] = select_on
-            schedule.after_epoch(record["val"]["loss"] if select_on else None)
-            score = record["val"]["accuracy"] if select_on else epoch  # without val: the last epoch
-            improved = score > state.best_score
+            record, improved = close_epoch(model, parts, state, record, select_on, len(info["classes"]))
             if improved:
-                state.best_score, state.best_epoch = score, epoch + 1
                 best_weights = copy.deepcopy(model.state_dict())
-            state.epoch, state.batches_done = epoch + 1, 0
-            state.metrics.append(record)
             saved = checkpoint_state(model, parts, info, state)
             if env.is_main:
                 save_epoch(out, state, saved, is_best=improved)
             log.epoch_done(record)
     model.load_state_dict(best_weights)
-    eval_splits = [s for s in splits if s != "train"]
-    results = evaluate_splits(model, config.shards, eval_splits, env, 2 * config.batch, num_classes=num_classes)
+    results = evaluate_splits(model, config.shards, [s for s in splits if s != "train"], env, 2 * config.batch,
+                              num_classes=len(info["classes"]))
     document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results, config.shards)
     document["best_epoch"] = state.best_epoch
     if env.is_main:
         write_json(out / "eval.json", document)
     return document, model
+
+
+def build_training(config: TrainConfig, info: dict, env: DistEnv) -> tuple[torch.nn.Module, TrainShards, "TrainingParts"]:
+    """The model (unwrapped), this rank's training stream and the parts of a step, fresh."""
+    model, ddp_model = make_model(config, len(info["classes"]), env)
+    data = TrainShards(
+        Path(config.shards) / "train",
+        config.batch,
+        [config.cf] if config.cf != "none" and not config.cf_online else [],
+        config.seed,
+        env.rank,
+        env.world_size,
+        config.workers,
+        experiment=DataExperiment(config.seed, config.data_ratio, config.box_fraction, config.bbox_noise),
+    )
+    optimizer = make_optimizer(model, config)
+    # Augmentation randomness differs per rank (each sees other images) but is seeded.
+    generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
+    parts = TrainingParts(ddp_model, Objective(config, generator), optimizer, Schedule(optimizer, config, len(data)),
+                          Precision(config.precision, env.device), generator, env, config)
+    return model, data, parts
+
+
+def close_epoch(model, parts: "TrainingParts", state: RunState, record: dict, select_on: str | None,
+                num_classes: int) -> tuple[dict, bool]:
+    """Score the epoch on the selection split, move the epoch schedule and the run state on;
+    returns the epoch's record for metrics.jsonl and whether it is the best so far."""
+    config, epoch = parts.config, record["epoch"]
+    if select_on:
+        val = evaluate_splits(model, config.shards, [select_on], parts.env, 2 * config.batch, num_classes=num_classes)
+        record["val"] = {k: val[select_on][k] for k in VAL_FIGURES}
+        record["val"]["split"] = select_on
+    parts.schedule.after_epoch(record["val"]["loss"] if select_on else None)
+    score = record["val"]["accuracy"] if select_on else epoch  # without val: the last epoch
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch = score, epoch
+    state.epoch, state.batches_done = epoch, 0
+    state.metrics.append(record)
+    return record, improved
 
 
 @dataclass
