@@ -1,4 +1,5 @@
-"""Torch files written whole or not at all, and read back without running pickled code.
+"""Torch files written whole or not at all, and read back without running pickled code; paths
+compared by what they name.
 
 Writes go to a temporary name, then are renamed: a run killed mid-write (SIGKILL, preemption,
 a full disk) leaves the previous file intact, so `--resume` never meets a torn checkpoint. The
@@ -50,3 +51,16 @@ def one_line_reason(exc: Exception, limit: int = 120) -> str:
     if len(line) > limit:  # cut at a word, and say so
         line = line[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def resolved_paths(value):
+    """`value` (JSON-like) with every string that names an existing file or folder made
+    absolute and real, so that a dataset given once as `data/cub` and once as `/home/me/data/cub/`
+    compares equal (in the manifests of a resumed run or of several ranks)."""
+    if isinstance(value, dict):
+        return {k: resolved_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [resolved_paths(v) for v in value]
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value

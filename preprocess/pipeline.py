@@ -11,7 +11,6 @@ import functools
 import itertools
 import json
 import multiprocessing
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.errors import UserError
+from cfrobust.files import resolved_paths
 from cfrobust.outputs import check_output_folder
 from cfrobust.preprocess.cagan.inpaint import CAGAN_SOURCE, CaganFill, CaganSettings, fill_cagan_samples
 from cfrobust.preprocess.fills import FILLS, RANDOM_FILLS, record_rng
@@ -68,6 +68,10 @@ class Job:
     rank: int = 0
     world_size: int = 1
     cagan: CaganSettings | None = None
+
+    def identity(self) -> dict:
+        """What fixes the samples written (recorded in manifests and resume journals)."""
+        return {"cf_methods": list(self.cf_methods), "size": self.size, "source": self.dataset.describe()}
 
     def manifest(self, split: str) -> Path:
         name = INFO_NAME if self.world_size == 1 else part_info_name(self.rank, self.world_size)
@@ -148,27 +152,16 @@ def check_counts(size: int | None, shard_size: int, workers: int, world_size: in
         raise UserError(f"--world-size {world_size}: at least 1 process writes the output")
 
 
-def check_same_job(job: Job, info: dict, manifest: Path) -> None:
-    """--resume keeps a finished split only if this run would have written the same one."""
-    now = {"cf_methods": list(job.cf_methods), "size": job.size, "source": job.dataset.describe()}
-    changed = sorted(key for key, value in now.items() if _same_paths(info.get(key)) != _same_paths(value))
+def check_same_job(job: Job, recorded: dict, where: Path) -> None:
+    """--resume keeps a split's shards (finished, or journalled so far) only if this run would
+    have written the same ones."""
+    changed = sorted(key for key, value in job.identity().items()
+                     if resolved_paths(recorded.get(key)) != resolved_paths(value))
     if changed:
         raise UserError(
-            f"{manifest}: made with other options ({', '.join(changed)}); --resume continues the same job: "
+            f"{where}: made with other options ({', '.join(changed)}); --resume continues the same job: "
             f"pass its options again, or --overwrite to remake the shards"
         )
-
-
-def _same_paths(value):
-    """`value` with every string that names an existing file or folder made absolute, so a
-    dataset given once as `data/cub` and once as `/home/me/data/cub` is the same source."""
-    if isinstance(value, dict):
-        return {k: _same_paths(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_same_paths(v) for v in value]
-    if isinstance(value, str) and value and os.path.exists(value):
-        return os.path.realpath(value)
-    return value
 
 
 def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
@@ -192,11 +185,14 @@ def write_split(
     if resume and job.manifest(split).exists():  # finished in the earlier run
         info = json.loads(job.manifest(split).read_text())
         check_same_job(job, info, job.manifest(split))
+        merge_when_complete(job, split)
         return SplitSummary(split, info["num_samples"], info["skipped"], len(info["shards"]))
     split_dir.mkdir(parents=True, exist_ok=True)
     for temporary in split_dir.glob(job.shard_prefix(split) + "*.tmp"):
         temporary.unlink()  # a shard the crash interrupted; it is redone
-    done = SplitProgress.load(job.journal(split))
+    done = SplitProgress.load(job.journal(split), job.identity())
+    if done.recorded_job is not None:
+        check_same_job(job, done.recorded_job, job.journal(split))
     summary = SplitSummary(split, sum(s["num_samples"] for s in done.shards), list(done.skipped), len(done.shards))
     pending = PendingShard(consumed=done.consumed)
     writer = ShardWriter(
@@ -272,8 +268,14 @@ def write_manifest(job: Job, split: str, shards: list[dict], summary: SplitSumma
         write_info(job.out / split, info)
         return
     write_info(job.out / split, {**info, "rank": job.rank, "world_size": job.world_size}, name=job.manifest(split).name)
+    merge_when_complete(job, split, refresh=True)
+
+
+def merge_when_complete(job: Job, split: str, refresh: bool = False) -> None:
+    """The last process to finish combines the parts into the split's manifest: after writing
+    its part (`refresh`), or when --resume finds its part done and no manifest yet."""
     parts = [job.out / split / part_info_name(r, job.world_size) for r in range(job.world_size)]
-    if all(p.exists() for p in parts):  # the last process to finish combines the parts
+    if job.world_size > 1 and all(p.exists() for p in parts) and (refresh or not (job.out / split / INFO_NAME).exists()):
         merge_parts(job.out / split)
 
 

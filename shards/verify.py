@@ -13,6 +13,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from cfrobust.errors import UserError
+from cfrobust.files import resolved_paths
 from cfrobust.shards.manifest import list_splits, read_info, write_info
 from cfrobust.shards.schema import INFO_NAME, META_EXT, SCHEMA, part_info_name, required_exts
 
@@ -342,7 +343,7 @@ def check_parts_agree(split_dir: Path, infos: list[dict]) -> None:
     """Parts of one split must describe the same data; a mix of runs would be silently wrong."""
     for field in AGREED_FIELDS:
         for rank, info in enumerate(infos[1:], start=1):
-            if info[field] != infos[0][field]:
+            if resolved_paths(info[field]) != resolved_paths(infos[0][field]):  # one dataset, however spelt
                 raise UserError(f"{split_dir}: partial manifests disagree on {field}: "
                                 f"{infos[0][field]!r} (rank 0) vs {info[field]!r} (rank {rank})")
 

@@ -138,7 +138,7 @@ def test_a_run_killed_mid_shard_resumes_to_the_clean_result(clean_run, tmp_path)
     # Kill once two shards are journalled and a third is half written.
     while time.monotonic() < deadline:
         lines = journal.read_text().splitlines() if journal.exists() else []
-        if len(lines) >= 2 and list((out / "train").glob("*.tmp")):
+        if len(lines) >= 3 and list((out / "train").glob("*.tmp")):  # the job line, then 2 shards
             break
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
@@ -148,6 +148,30 @@ def test_a_run_killed_mid_shard_resumes_to_the_clean_result(clean_run, tmp_path)
         preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
     summaries = preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, resume=True)
     assert summaries[0].resumed_shards >= 2
+    assert files(out) == files(clean_run)
+
+
+class Interrupted(BaseException):
+    """Stands for a kill: nothing in the pipeline handles it."""
+
+
+def test_resume_of_an_unfinished_split_with_other_options_is_refused(clean_run, tmp_path):
+    class Dying(type(synthetic())):
+        def make_record(self, split, index):
+            if split == "train" and index == 20:
+                raise Interrupted
+            return super().make_record(split, index)
+
+    out = tmp_path / "shards"
+    with pytest.raises(Interrupted):
+        preprocess(Dying(seed=5, sizes=SIZES, image_size=16), out, FILLS, shard_size=7, progress=False)
+    journal = out / "train" / "_progress.jsonl"
+    assert len(journal.read_text().splitlines()) == 3  # the job, then 2 shards of 7
+    with pytest.raises(UserError, match=rf"^{journal}: made with other options \(cf_methods, size\)"):
+        preprocess(open_dataset("synthetic", seed=5, sizes=SIZES, image_size=16), out, ["mean"], size=8,
+                   shard_size=7, progress=False, resume=True)
+    summaries = preprocess(synthetic(), out, FILLS, shard_size=7, progress=False, resume=True)
+    assert summaries[0].resumed_shards == 2
     assert files(out) == files(clean_run)
 
 
@@ -185,6 +209,24 @@ def test_resume_names_the_same_source_folder_relatively_or_absolutely(clean_run,
     assert [s.resumed_shards for s in summaries] == [6, 2, 2]
     with pytest.raises(UserError, match=r"made with other options \(source\)"):
         preprocess(rooted("elsewhere"), out, FILLS, shard_size=7, progress=False, resume=True)
+
+
+def test_ranks_may_spell_the_source_folder_differently_and_a_resumed_rank_still_merges(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+
+    def rooted(root: str):
+        source = synthetic()
+        source.describe = lambda: {**type(source).describe(source), "root": root}
+        return source
+
+    out = tmp_path / "shards"
+    monkeypatch.chdir(tmp_path)
+    preprocess(rooted(str(tmp_path / "data")), out, FILLS, shard_size=7, progress=False, rank=0, world_size=2)
+    preprocess(rooted("data/"), out, FILLS, shard_size=7, progress=False, rank=1, world_size=2)
+    merged = {split: (out / split / "_info.json").read_bytes() for split in ("train", "val", "test")}
+    (out / "val" / "_info.json").unlink()  # as if the last rank died between its part and the merge
+    preprocess(rooted("data"), out, FILLS, shard_size=7, progress=False, rank=1, world_size=2, resume=True)
+    assert {split: (out / split / "_info.json").read_bytes() for split in merged} == merged
 
 
 def test_resume_redoes_a_shard_whose_file_was_damaged(clean_run, tmp_path):
