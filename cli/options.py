@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import MISSING, fields
 
 import click
@@ -52,4 +53,14 @@ class UserErrorGroup(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(user_message(exc)) from None
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRORS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror}") from None
+
+
+# OS errors about the machine rather than the program (a full or read-only disk, permissions):
+# the user fixes them, so they get one line naming the file, not a traceback.
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 

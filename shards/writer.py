@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -133,13 +134,15 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (after an error): no `.tmp` file is left behind."""
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            finally:
-                self._file.close()
-                self._temporary().unlink(missing_ok=True)
-                self._tar = self._file = None
+        if self._tar is None:
+            return
+        # Closing flushes, which fails again on a full disk: the shard is dropped either way.
+        with contextlib.suppress(OSError):
+            self._tar.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._temporary().unlink(missing_ok=True)
+        self._tar = self._file = None
 
     def _name(self) -> str:
         return shard_name(self.split, self.next_index, self.rank, self.world_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import shutil
 import tarfile
@@ -237,6 +238,35 @@ def test_eval_out_replaces_an_earlier_eval_json_and_nothing_else(tiny_shards, tm
                                         f"one: choose another")
     assert manifest.read_bytes() == (tiny_shards / "val" / "_info.json").read_bytes()
     assert run_cli(*evaluate, run / "eval.json")[0] == 0  # the run's own eval JSON may be rescored
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_shard(tmp_path, monkeypatch):
+    from cfrobust.shards import writer
+
+    written = {"bytes": 0}
+    real_write = writer._HashingFile.write
+
+    def filling_write(self, data):
+        written["bytes"] += len(data)
+        if written["bytes"] > 20_000:  # the disk fills up inside the first shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(writer._HashingFile, "write", filling_write)
+    code, output = run_cli("preprocess", "--dataset", "synthetic", "--out", tmp_path / "s", "--workers", "1")
+    assert code == 1 and output.splitlines()[-1] == "Error: No space left on device"  # after the progress bar
+    assert [p.name for p in (tmp_path / "s" / "train").iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_a_folder_the_user_may_not_write_is_named(tmp_path, monkeypatch):
+    from cfrobust.preprocess import pipeline
+
+    def denied(folder, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder / "_info.json"))
+
+    monkeypatch.setattr(pipeline, "write_info", denied)
+    code, output = run_cli("preprocess", "--dataset", "synthetic", "--synthetic-sizes", "4,0,0", "--out", tmp_path / "s")
+    assert code == 1 and output.splitlines()[-1] == f"Error: {tmp_path / 's' / 'train' / '_info.json'}: Permission denied"
 
 
 def test_eval_with_nothing_to_score_says_so(tiny_shards, tmp_path):
