@@ -92,7 +92,7 @@ def adapter_options(dataset: str, given: dict) -> dict:
     if dataset == "synthetic":
         return dict(
             seed=values["seed"],
-            sizes=tuple(int(n) for n in comma_list(str(values["synthetic_sizes"]))),
+            sizes=synthetic_sizes(str(values["synthetic_sizes"])),
             image_size=values["synthetic_image_size"],
             correlation=values["synthetic_correlation"],
         )
@@ -101,12 +101,24 @@ def adapter_options(dataset: str, given: dict) -> dict:
     return values
 
 
+def synthetic_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in comma_list(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected TRAIN,VAL,TEST image counts", param_hint="--synthetic-sizes") from None
+
+
 def split_files(pairs) -> dict[str, Path]:
+    """SPLIT=FILE pairs; a split is one plain folder name under --out, given once."""
     files = {}
     for pair in pairs:
         split, sep, path = pair.partition("=")
         if not sep or not split or not Path(path).is_file():
             raise click.BadParameter(f"{pair!r}: expected SPLIT=FILE with an existing file", param_hint="--annotations")
+        if split in (".", "..") or Path(split).name != split or "\\" in split:
+            raise click.BadParameter(f"{pair!r}: the split {split!r} must be a plain folder name", param_hint="--annotations")
+        if split in files:
+            raise click.BadParameter(f"{pair!r}: split {split!r} is given twice", param_hint="--annotations")
         files[split] = Path(path)
     return files
 

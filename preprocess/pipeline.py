@@ -393,6 +393,8 @@ def source_boxes(record: Record, width: int, height: int, mask: np.ndarray | Non
 
 def check_box(box, width: int, height: int) -> tuple:
     x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 < x0 or y1 < y0:
+        raise RecordError(f"box {list(box)} (x0, y0, x1, y1) ends before it starts: a negative width or height")
     if not (x1 > x0 and y1 > y0):
         raise RecordError(f"box {list(box)} has zero area")
     tol = BOX_TOLERANCE

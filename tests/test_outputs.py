@@ -111,6 +111,21 @@ def test_out_of_range_training_options_are_named_with_their_value(tiny_shards, t
 
 
 @pytest.mark.parametrize("options, expected", [
+    (["--synthetic-sizes", "10,abc"], "Invalid value for --synthetic-sizes: '10,abc': expected TRAIN,VAL,TEST image counts"),
+    (["--dataset", "coco", "--images", ".", "--annotations", "../up=a.json"],
+     "Invalid value for --annotations: '../up=a.json': the split '../up' must be a plain folder name"),
+    (["--dataset", "coco", "--images", ".", "--annotations", "train=a.json", "--annotations", "train=a.json"],
+     "Invalid value for --annotations: 'train=a.json': split 'train' is given twice"),
+])
+def test_malformed_preprocess_values_are_usage_errors(tmp_path, monkeypatch, options, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.json").write_text("{}")
+    args = ["--dataset", "synthetic", *options] if options[0] != "--dataset" else options
+    result = CliRunner().invoke(cli, ["preprocess", *args, "--out", "s"])
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == f"Error: {expected}", result.output
+
+
+@pytest.mark.parametrize("options, expected", [
     (["--shard-size", "0"], "--shard-size 0: a shard holds at least 1 sample"),
     (["--size", "-32"], "--size -32: stored images are 8 to 4096 pixels a side"),
     (["--workers", "0"], "--workers 0: at least 1 process builds the samples"),
