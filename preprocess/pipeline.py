@@ -11,6 +11,7 @@ import functools
 import itertools
 import json
 import multiprocessing
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,7 +302,7 @@ def build_samples(records: Iterator[Record], job: Job, workers: int) -> Iterator
     context = multiprocessing.get_context("fork" if forks else "spawn")
     # Forked workers inherit one OpenCV thread from opencv_single_threaded; spawned ones start
     # fresh, with no parent lock to deadlock on, and set it themselves.
-    with opencv_single_threaded(), context.Pool(workers, initializer=None if forks else _one_opencv_thread) as pool:
+    with opencv_single_threaded(), context.Pool(workers, initializer=_start_worker, initargs=(not forks,)) as pool:
         # Records travel to the workers and back beside their outcome; holding a bounded window
         # keeps memory flat on large datasets.
         window = 64 * workers
@@ -328,10 +329,14 @@ def opencv_single_threaded() -> Iterator[None]:
         cv2.setNumThreads(previous)
 
 
-def _one_opencv_thread() -> None:
-    import cv2
+def _start_worker(set_opencv_threads: bool) -> None:
+    """Ctrl-C is the parent's to handle (it stops the pool): a worker ignores it rather than
+    print its own traceback. A spawned worker sets its one OpenCV thread itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if set_opencv_threads:
+        import cv2
 
-    cv2.setNumThreads(1)
+        cv2.setNumThreads(1)
 
 
 def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods) -> dict | str:

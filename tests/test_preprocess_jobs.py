@@ -69,11 +69,16 @@ def test_forked_workers_inherit_one_opencv_thread_and_never_set_it():
     assert cv2.getNumThreads() == 2
 
 
+def _sigint_handler() -> str:
+    return "ignored" if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else "default"
+
+
 def test_spawned_workers_write_the_same_shards_with_one_opencv_thread(clean_run, tmp_path, monkeypatch):
     from cfrobust.preprocess import pipeline
 
-    with multiprocessing.get_context("spawn").Pool(1, initializer=pipeline._one_opencv_thread) as pool:
+    with multiprocessing.get_context("spawn").Pool(1, initializer=pipeline._start_worker, initargs=(True,)) as pool:
         assert pool.apply(cv2.getNumThreads) == 1
+        assert pool.apply(_sigint_handler) == "ignored"  # Ctrl-C is the parent's to handle
     real_get_context, pools = multiprocessing.get_context, []
 
     class RecordingContext:
@@ -81,13 +86,13 @@ def test_spawned_workers_write_the_same_shards_with_one_opencv_thread(clean_run,
             self.context = real_get_context(method)
 
         def Pool(self, *args, **kwargs):
-            pools.append((self.context.get_start_method(), kwargs.get("initializer")))
+            pools.append((self.context.get_start_method(), kwargs.get("initializer"), kwargs.get("initargs")))
             return self.context.Pool(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     monkeypatch.setattr(pipeline.multiprocessing, "get_context", RecordingContext)
     preprocess(synthetic(), tmp_path / "spawned", FILLS, shard_size=7, progress=False, workers=2)
-    assert pools == [("spawn", pipeline._one_opencv_thread)] * 3  # one pool per split
+    assert pools == [("spawn", pipeline._start_worker, (True,))] * 3  # one pool per split
     assert files(tmp_path / "spawned") == files(clean_run)
 
 

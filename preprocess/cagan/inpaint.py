@@ -11,6 +11,7 @@ pixels outside the boxes stay the stored image's own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +29,7 @@ RELEASED_SIZE = 256  # the released DeepFill v1 models were trained on 256x256 c
 @dataclass(frozen=True)
 class CaganSettings:
     weights: Path
-    device: str = "cpu"
+    device: str = "auto"  # CUDA (this torchrun process's GPU) when there is one
     batch_size: int = 32
 
 
@@ -49,8 +50,10 @@ class CaganFill:
     def __call__(self, images: list[np.ndarray], boxes: list[list]) -> list[np.ndarray]:
         import torch
 
+        from cfrobust.distributed import choose_device  # torch loads only when CAGAN runs
+
         if self.device is None:
-            self.device = torch.device(self.settings.device)
+            self.device = choose_device(self.settings.device, int(os.environ.get("LOCAL_RANK", "0")))
             self.generator.to(self.device)
         small = np.stack([cv2.resize(im, (self.work_size,) * 2, interpolation=cv2.INTER_AREA) for im in images])
         holes = np.stack([scaled_hole(b, im.shape, self.work_size) for im, b in zip(images, boxes)])
