@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from cfrobust.errors import UserError
 
 CHUNK = 1 << 20
@@ -90,11 +92,28 @@ def download(item: Download, path: Path, opener: Opener, report) -> bool:
     with response:
         resumed = start and getattr(response, "status", 200) == 206
         report(f"{path.name}: {'resuming at ' + str(start) + ' bytes' if resumed else 'downloading'}")
-        with open(part, "ab" if resumed else "wb") as out:
+        expected = expected_size(response, start if resumed else 0)
+        with open(part, "ab" if resumed else "wb") as out, tqdm(
+            total=expected, initial=out.tell(), unit="B", unit_scale=True, desc=path.name, disable=None
+        ) as bar:
             while chunk := response.read(CHUNK):
                 out.write(chunk)
+                bar.update(len(chunk))
+    got = part.stat().st_size
+    if expected is not None and got != expected:  # the connection dropped: keep the part, resume later
+        raise UserError(f"{path.name}: the host sent {got} of {expected} bytes; run this command again to resume")
     os.replace(part, path)
     return True
+
+
+def expected_size(response, offset: int) -> int | None:
+    """The whole file's size by the response's headers (None when it does not say)."""
+    headers = getattr(response, "headers", None) or {}
+    whole = (headers.get("Content-Range") or "").rpartition("/")[2]
+    if whole.isdigit():
+        return int(whole)
+    length = headers.get("Content-Length")
+    return offset + int(length) if length and length.isdigit() else None
 
 
 def sha256_of(path: Path) -> str:
@@ -121,7 +140,10 @@ def verify(item: Download, path: Path, report) -> None:
 
 def unpack(path: Path, to: Path, report) -> None:
     marker = to / f".unpacked-{path.name}"
-    if marker.exists() or not tarfile.is_tarfile(path):
+    if marker.exists():
+        return
+    if not tarfile.is_tarfile(path):
+        report(f"{path.name}: not an archive; kept as it is")
         return
     report(f"{path.name}: unpacking into {to}")
     with tarfile.open(path) as archive:

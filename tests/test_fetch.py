@@ -25,16 +25,17 @@ def make_archive() -> bytes:
 
 
 class Response(io.BytesIO):
-    def __init__(self, data: bytes, status: int):
+    def __init__(self, data: bytes, status: int, headers: dict):
         super().__init__(data)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 class FakeHost:
-    """Serves one file; answers Range requests with 206 unless told to ignore them."""
+    """Serves one file with HTTP's length headers; answers Range requests with 206 unless told
+    to ignore them; with `cut_after`, the connection drops after that many bytes of a response."""
 
-    def __init__(self, data: bytes, honour_range: bool = True, reachable: bool = True):
-        self.data, self.honour_range, self.reachable = data, honour_range, reachable
+    def __init__(self, data: bytes, honour_range: bool = True, reachable: bool = True, cut_after: int | None = None):
+        self.data, self.honour_range, self.reachable, self.cut_after = data, honour_range, reachable, cut_after
         self.requests = []
 
     def __call__(self, request):
@@ -42,10 +43,13 @@ class FakeHost:
         if not self.reachable:
             raise urllib.error.URLError("Name or service not known")
         wanted = request.get_header("Range")
+        start, status = 0, 200
+        headers = {"Content-Length": str(len(self.data))}
         if wanted and self.honour_range:
-            start = int(wanted.split("=")[1].rstrip("-"))
-            return Response(self.data[start:], 206)
-        return Response(self.data, 200)
+            start, status = int(wanted.split("=")[1].rstrip("-")), 206
+            headers = {"Content-Length": str(len(self.data) - start),
+                       "Content-Range": f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"}
+        return Response(self.data[start:][: self.cut_after], status, headers)
 
 
 @pytest.fixture
@@ -74,6 +78,18 @@ def test_a_partial_download_is_resumed_with_a_range_request(tmp_path, one_file):
     host = FakeHost(one_file)
     fetch("toy", tmp_path, opener=host, report=lambda _: None)
     assert host.requests[0].get_header("Range") == "bytes=100-"
+    assert (tmp_path / "toy.tar.gz").read_bytes() == one_file
+
+
+def test_a_dropped_connection_keeps_the_part_and_the_next_run_resumes(tmp_path, one_file):
+    half = len(one_file) // 2
+    with pytest.raises(UserError, match=rf"^toy.tar.gz: the host sent {half} of {len(one_file)} bytes; run this command again"):
+        fetch("toy", tmp_path, opener=FakeHost(one_file, cut_after=half), report=lambda _: None)
+    assert not (tmp_path / "toy.tar.gz").exists() and not (tmp_path / "toy.tar.gz.sha256").exists()
+    assert (tmp_path / "toy.tar.gz.part").read_bytes() == one_file[:half]
+    host = FakeHost(one_file)
+    fetch("toy", tmp_path, opener=host, report=lambda _: None)
+    assert host.requests[0].get_header("Range") == f"bytes={half}-"
     assert (tmp_path / "toy.tar.gz").read_bytes() == one_file
 
 
