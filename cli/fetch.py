@@ -11,7 +11,8 @@ FETCHABLE = ("waterbirds", "in9", "cct")
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("dataset", type=click.Choice(FETCHABLE))
-@click.option("--to", "--out", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to download and unpack into (--out is the same option, as in the other commands).")
+@click.option("--to", "--out", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to download and unpack into (--out is the same option, as in the other commands).")
 def fetch(dataset, to) -> None:
     """Download DATASET from its public home into TO, resuming partial downloads, checking
     sha256 digests and unpacking the archives. Without network access, it says which file to
