@@ -77,6 +77,8 @@ def preprocess(
         resume=resume, workers=workers, rank=rank, world_size=world_size,
         cagan=CaganSettings(cagan_weights, device, batch) if cagan_weights else None,
     )
+    for note in adapter.notes():
+        click.echo(f"note: {note}")
     print_summary(summaries, out, rank if world_size > 1 else None)
 
 

@@ -41,18 +41,15 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def list_images(class_dir: Path, root: Path) -> tuple[list[str], int]:
+def list_images(class_dir: Path, root: Path) -> tuple[list[str], list[str]]:
     """Image paths under a class folder (sub-folders included, as ImageFolder), relative to root
-    with '/' separators, sorted; and the number of other files left out (counted in describe())."""
-    images, others = [], 0
+    with '/' separators, sorted; and the other files, left out (see notes())."""
+    images, others = [], []
     for path in class_dir.rglob("*"):
         if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
             continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            images.append(path.relative_to(root).as_posix())
-        else:
-            others += 1
-    return sorted(images), others
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path.relative_to(root).as_posix())
+    return sorted(images), sorted(others)
 
 
 def read_boxes_csv(path: Path) -> dict[str, CsvBoxes]:
@@ -117,7 +114,7 @@ class FolderDataset(DatasetSource):
         self.classes = sorted({d.name for split in self.splits for d in _class_dirs(self.root / split)})
         self._label_of = {name: label for label, name in enumerate(self.classes)}
         self._images: dict[str, list[tuple[str, str]]] = {}  # split -> [(relative path, class)]
-        self.ignored_files = 0
+        self.ignored: list[str] = []  # files that are no image of a class folder, relative to root
         for split in self.splits:
             self._images[split] = self._list_split(split)
         self.boxes_csv = Path(boxes_csv) if boxes_csv else None
@@ -127,13 +124,20 @@ class FolderDataset(DatasetSource):
     def _list_split(self, split: str) -> list[tuple[str, str]]:
         # Files lying in the split folder itself have no class: left out, but counted.
         loose = [p for p in (self.root / split).iterdir() if p.is_file() and not p.name.startswith(".")]
-        self.ignored_files += len(loose)
+        self.ignored += sorted(p.relative_to(self.root).as_posix() for p in loose)
         found = []
         for class_dir in _class_dirs(self.root / split):
             images, others = list_images(class_dir, self.root)
             found += [(path, class_dir.name) for path in images]
-            self.ignored_files += others
+            self.ignored += others
         return sorted(found)
+
+    def notes(self) -> list[str]:
+        if not self.ignored:
+            return []
+        shown = ", ".join(self.ignored[:3]) + (", ..." if len(self.ignored) > 3 else "")
+        return [f"{len(self.ignored)} file(s) under {self.root} left out: not a {'/'.join(sorted(IMAGE_SUFFIXES))} "
+                f"image inside a class folder ({shown})"]
 
     def _csv_rows_without_image(self) -> dict[str, list[str]]:
         """Split -> CSV paths that name no listed image. Each becomes a problem record of the
@@ -185,5 +189,5 @@ class FolderDataset(DatasetSource):
             "dataset": self.name,
             "root": str(self.root),
             "boxes_csv": str(self.boxes_csv) if self.boxes_csv else None,
-            "ignored_files": self.ignored_files,
+            "ignored_files": len(self.ignored),
         }

@@ -58,3 +58,8 @@ class DatasetSource:
     def describe(self) -> dict:
         """JSON-able description of where the data came from (goes into `_info.json`)."""
         return {"dataset": self.name}
+
+    def notes(self) -> list[str]:
+        """What the user should know about the source beyond the skipped records (files left
+        out on purpose, say); printed after the summary."""
+        return []

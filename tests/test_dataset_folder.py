@@ -73,6 +73,8 @@ def test_splits_classes_counts(root):
     assert [len(list(ds.records(s))) for s in ds.splits] == [5, 2, 1, 1]
     assert ds.describe() == {"dataset": "folder", "root": str(root), "boxes_csv": str(root.parent / "boxes.csv"),
                              "ignored_files": 2}
+    assert ds.notes() == [f"2 file(s) under {root} left out: not a .bmp/.jpeg/.jpg/.pgm/.png/.ppm/.tif/.tiff/.webp "
+                          f"image inside a class folder (train/dog/notes.txt, test/unsorted.png)"]
 
 
 def test_records_without_csv(root):
