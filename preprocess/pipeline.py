@@ -377,6 +377,9 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
     return sample
 
 
+ASPECT_TOLERANCE = 0.02  # a downscaled copy keeps the annotated image's shape up to rounding
+
+
 def source_boxes(record: Record, width: int, height: int, mask: np.ndarray | None) -> list:
     """The record's boxes in the pixels of its decoded image.
 
@@ -387,6 +390,9 @@ def source_boxes(record: Record, width: int, height: int, mask: np.ndarray | Non
     boxes = list(record.boxes)
     if record.boxes_size is not None and boxes:
         sx, sy = width / record.boxes_size[0], height / record.boxes_size[1]
+        if abs(sx / sy - 1) > ASPECT_TOLERANCE:  # not a resized copy: rotated (EXIF) or another image
+            raise RecordError(f"the annotation's image is {record.boxes_size[0]}x{record.boxes_size[1]}, the file "
+                              f"{width}x{height}: another shape, so its boxes cannot be placed (rotated?)")
         boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes]
     if not boxes and mask is not None:
         box = mask_box(mask)

@@ -24,7 +24,7 @@ from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.datasets.synthetic import CLASSES
 from cfrobust.errors import UserError
 from cfrobust.preprocess.fills import fill_mean, fill_tile
-from cfrobust.preprocess.pipeline import RecordError, check_box, make_sample, preprocess
+from cfrobust.preprocess.pipeline import RecordError, check_box, make_sample, preprocess, source_boxes
 from cfrobust.shards import reader
 from cfrobust.shards.manifest import list_splits, read_info, write_info
 from cfrobust.shards.reader import (
@@ -435,6 +435,14 @@ def test_empty_image_file_is_skipped_as_unreadable(tmp_path):
 def test_box_wholly_beyond_the_edge_is_rejected():
     with pytest.raises(RecordError):
         check_box((16.2, 0, 16.8, 5), 16, 16)
+
+
+def test_boxes_of_a_larger_copy_are_rescaled_and_those_of_another_shape_refused():
+    record = Record(key="k", image="unused", label=0, boxes=[(2.0, 2.0, 6.0, 10.0)], boxes_size=(48, 40))
+    assert source_boxes(record, 24, 20, None) == [(1.0, 1.0, 3.0, 5.0)]
+    rotated = Record(key="k", image="unused", label=0, boxes=[(2.0, 2.0, 6.0, 10.0)], boxes_size=(40, 48))
+    with pytest.raises(RecordError, match=r"^the annotation's image is 40x48, the file 24x20: another shape"):
+        source_boxes(rotated, 24, 20, None)
 
 
 def test_check_box_rules():
