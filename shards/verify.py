@@ -16,6 +16,7 @@ from cfrobust.errors import UserError
 from cfrobust.files import resolved_paths
 from cfrobust.shards.manifest import list_splits, read_info, write_info
 from cfrobust.shards.schema import INFO_NAME, META_EXT, SCHEMA, part_info_name, required_exts
+from cfrobust.shards.tarstream import iter_tar_samples
 
 META_FIELDS = ("label", "boxes", "group")
 SAMPLE_PROBLEMS_SHOWN = 5  # per shard: a shard made with other --cf would otherwise print one line per sample
@@ -311,8 +312,22 @@ def merge_parts(split_dir) -> dict | None:
     check_parts_agree(split_dir, infos)
     merged = combine_parts(infos)
     check_shards_present(split_dir, merged["shards"])
+    check_keys_unique(split_dir, merged["shards"])
     write_info(split_dir, merged)
     return {"schema": SCHEMA, **merged}
+
+
+def check_keys_unique(split_dir: Path, shards: list[dict]) -> None:
+    """Each process skips a key it wrote before, but cannot know another's: two records of the
+    source that share a key (`a.jpg` and `a.png`) may land on two ranks. Reads member names only."""
+    seen: dict[str, str] = {}
+    for shard in shards:
+        for sample in iter_tar_samples(split_dir / shard["name"], wanted_exts=()):
+            key = sample["__key__"]
+            if key in seen:
+                raise UserError(f"{split_dir}: sample {key} is in {seen[key]} and in {shard['name']}: two records of the "
+                                f"source share its key (one process would have skipped the second); rename one and rerun")
+            seen[key] = shard["name"]
 
 
 def single_world_size(split_dir: Path, parts: dict) -> int:

@@ -234,6 +234,21 @@ def test_ranks_may_spell_the_source_folder_differently_and_a_resumed_rank_still_
     assert {split: (out / split / "_info.json").read_bytes() for split in merged} == merged
 
 
+def test_a_key_two_ranks_both_wrote_stops_the_merge(tmp_path):
+    class SharedKey(type(synthetic())):  # train records 0 and 1 (ranks 0 and 1) are both "dup"
+        def make_record(self, split, index):
+            record = super().make_record(split, index)
+            return dataclasses.replace(record, key="dup") if split == "train" and index < 2 else record
+
+    out = tmp_path / "shards"
+    source = SharedKey(seed=5, sizes=SIZES, image_size=16)
+    preprocess(source, out, FILLS, shard_size=7, progress=False, rank=0, world_size=2)
+    with pytest.raises(UserError, match=r"train: sample dup is in train-r000-000000.tar and in train-r001-000000.tar: "
+                                        r"two records of the source share its key"):
+        preprocess(source, out, FILLS, shard_size=7, progress=False, rank=1, world_size=2)
+    assert not (out / "train" / "_info.json").exists()
+
+
 def test_resume_redoes_a_shard_whose_file_was_damaged(clean_run, tmp_path):
     out = tmp_path / "shards"
     preprocess(synthetic(), out, FILLS, shard_size=7, progress=False)
