@@ -5,8 +5,8 @@ and trims the heap when more than its trim threshold lies free at the top. Both 
 (128 KiB) and adapt upward only so far (the mmap threshold to 32 MiB), while a CPU training step
 allocates and frees activation buffers of tens to hundreds of MB: by default every step maps
 them anew and page-faults through every page. Raising both thresholds keeps those buffers in
-the heap: `bench/host_memory_bench.py` measured a whole simple-cnn `cfrobust train` at 0.92x
-the time for 1.09x the peak memory. glibc only: elsewhere (musl, macOS) nothing changes.
+the heap: `bench/process_settings_bench.py --setting malloc` measured a whole simple-cnn
+`cfrobust train` at 0.92x the time for 1.09x the peak memory. glibc only: elsewhere (musl, macOS) nothing changes.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from cfrobust.openmp_spin import shorten_openmp_spin
+
+shorten_openmp_spin()  # as `cfrobust` does before torch loads (bench/process_settings_bench.py compares)
+
 import torch
 
 from cfrobust.datasets import open_dataset

@@ -8,6 +8,7 @@ import click
 
 from cfrobust import __version__
 from cfrobust.cli.options import UserErrorGroup
+from cfrobust.openmp_spin import shorten_openmp_spin
 
 # name -> (module, attribute); each module defines one click command and imports torch lazily.
 COMMANDS = {
@@ -53,4 +54,5 @@ def cli() -> None:
 
 
 def main() -> None:
+    shorten_openmp_spin()  # before any command imports torch: libgomp reads it once, on loading
     cli(prog_name="cfrobust")
