@@ -14,7 +14,7 @@ import torch
 
 from cfrobust.preprocess.fills import FILLS, fill_mean, fill_tile, longest_run, tiled_background
 from cfrobust.shards.schema import MEAN_RGB_UINT8, NORMALIZE_MEAN, NORMALIZE_STD, box_pixel_bounds, boxes_to_mask
-from cfrobust.trainer.pixels import box_masks, longest_runs, normalize, tiled_backgrounds
+from cfrobust.trainer.pixels import box_masks, longest_runs, model_memory_format, normalize, tiled_backgrounds
 
 H, W = 6, 8
 MEAN = np.array(MEAN_RGB_UINT8, np.uint8)
@@ -259,6 +259,17 @@ def test_normalize_maps_the_mean_colour_near_zero_within_uint8_rounding():
     out = normalize(image).view(3)
     bound = torch.tensor([0.5 / 255 / s for s in NORMALIZE_STD])
     assert (out.abs() <= bound).all()
+
+
+def test_normalize_lays_a_decoded_batch_out_for_the_cpu_model():
+    # The loader hands over the pixels as decoded (channels-last in memory); the CPU model runs
+    # in the default layout, so normalize transposes while it converts.
+    decoded = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = decoded.permute(0, 3, 1, 2)
+    out = normalize(images)
+    assert out.is_contiguous() and torch.equal(out, normalize(images.contiguous()))
+    assert model_memory_format(torch.device("cpu")) == torch.contiguous_format
+    assert model_memory_format(torch.device("cuda", 0)) == torch.channels_last
 
 
 # ---------------------------------------------------------------- torch: box_masks

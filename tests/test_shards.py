@@ -530,6 +530,7 @@ def test_collate_pads_boxes():
     assert isinstance(batch, Batch) and len(batch) == 3
     assert batch.images.shape == (3, 3, 4, 5) and batch.images.dtype == torch.uint8
     assert torch.equal(batch.images[1], torch.from_numpy(samples[1]["image"]).permute(2, 0, 1))
+    assert batch.images.permute(0, 2, 3, 1).is_contiguous()  # as decoded: normalize transposes, not the loader
     assert batch.cf["tile"].shape == (3, 3, 4, 5) and int(batch.cf["tile"][2, 0, 0, 0]) == 3
     assert batch.labels.tolist() == [1, 0, 1] and batch.labels.dtype == torch.int64
     assert batch.boxes.shape == (3, 2, 4) and batch.boxes.dtype == torch.float32
