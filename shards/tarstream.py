@@ -21,10 +21,10 @@ _PAX = (b"x", b"g")
 
 def header_fields(block: bytes) -> tuple[str, int, bytes]:
     """(name, size, type flag) of a tar header block."""
-    name = block[:100].split(b"\0", 1)[0]
-    if block[257:263] == b"ustar\0":  # POSIX: a prefix holds the leading directories
-        prefix = block[345:500].split(b"\0", 1)[0]
-        name = prefix + b"/" + name if prefix else name
+    end = block.find(b"\0", 0, 100)
+    name = block[:end if end >= 0 else 100]
+    if block[345] and block[257:263] == b"ustar\0":  # POSIX: a prefix holds the leading directories
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
     size_field = block[124:136]
     if size_field[0] & 0x80:  # GNU base-256 for sizes beyond 8 GiB
         size = int.from_bytes(size_field[1:], "big")
@@ -33,9 +33,10 @@ def header_fields(block: bytes) -> tuple[str, int, bytes]:
     return name.decode("utf-8", "surrogateescape"), size, block[156:157]
 
 
-def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data) of each regular file of a tar stream, in order; with `wanted_exts`, the
-    other members' payloads are skipped, not read, and come as (name, None)."""
+def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, extension, data) of each regular file of a tar stream, in order, its name split as
+    WebDataset splits it: the key ends at the first dot of the last path component. With
+    `wanted_exts`, the other members' payloads are skipped, not read, and come as None."""
     pending_name = None
     read = stream.read
     while True:
@@ -45,12 +46,14 @@ def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -
         name, size, kind = header_fields(block)
         padded = size + (-size % BLOCK)
         if kind in _REGULAR:
-            name, pending_name = pending_name or name, None
-            if wanted_exts is None or member_ext(name) in wanted_exts:
-                yield name, read(padded)[:size]
+            head, slash, tail = (pending_name or name).rpartition("/")
+            stem, _, ext = tail.partition(".")
+            pending_name = None
+            if wanted_exts is None or ext in wanted_exts:
+                yield head + slash + stem, ext, read(padded)[:size]
             else:
                 stream.seek(padded, 1)
-                yield name, None
+                yield head + slash + stem, ext, None
         elif kind == _LONG_NAME:
             pending_name = read(padded)[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind in _PAX:
@@ -58,11 +61,6 @@ def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -
         else:
             stream.seek(padded, 1)
             pending_name = None
-
-
-def member_ext(name: str) -> str:
-    """WebDataset's extension: what follows the first dot of the last path component."""
-    return name.rpartition("/")[2].partition(".")[2]
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -75,30 +73,23 @@ def _pax_path(data: bytes) -> str | None:
 
 
 def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> Iterator[dict]:
-    """WebDataset samples of one shard: {"__key__", "__url__", ext: bytes, ...}, members with the
-    same key (the name up to the first dot of its last component) grouped in order; with
-    `wanted_exts`, samples carry only those parts (a sample with none of them is still yielded,
-    bare, so that its reader can name what is missing)."""
+    """WebDataset samples of one shard: {"__key__", "__url__", ext: bytes, ...}, consecutive
+    members with the same key grouped; with `wanted_exts`, samples carry only those parts (a
+    sample with none of them is still yielded, bare, so that its reader can name what is
+    missing). A damaged header is reported as the file's fault in one line."""
     sample: dict = {}
+    url = str(path)
     with open(path, "rb", buffering=1 << 20) as stream:
-        for name, data in _members_or_error(path, stream, wanted_exts):
-            head, slash, tail = name.rpartition("/")
-            stem, _, ext = tail.partition(".")
-            key = head + slash + stem
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            if not sample:
-                sample = {"__key__": key, "__url__": str(path)}
-            if data is not None:
-                sample[ext] = data
+        try:
+            for key, ext, data in iter_members(stream, wanted_exts):
+                if not sample or sample["__key__"] != key:
+                    if sample:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                if data is not None:
+                    sample[ext] = data
+        except ValueError as exc:  # a size field that is not octal: not a tar header
+            raise UserError(f"{path}: not a readable tar at byte {stream.tell()} ({exc}); "
+                            f"`cfrobust shards verify` checks every shard") from None
     if sample:
         yield sample
-
-
-def _members_or_error(path: Path, stream: BinaryIO, wanted_exts) -> Iterator[tuple[str, bytes | None]]:
-    """iter_members, with a damaged header reported as the file's fault in one line."""
-    try:
-        yield from iter_members(stream, wanted_exts)
-    except ValueError as exc:  # a size field that is not octal: not a tar header
-        raise UserError(f"{path}: not a readable tar at byte {stream.tell()} ({exc}); `cfrobust shards verify` checks every shard") from None
