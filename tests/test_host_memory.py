@@ -41,15 +41,20 @@ def clean_env(**extra) -> dict:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
 def test_a_freed_large_buffer_stays_resident_once_retained_and_goes_back_otherwise():
-    assert child_run("retain", clean_env()) == ("True", 96)
-    assert child_run("system", clean_env()) == ("False", 0)
+    # 96 MiB freed: nearly all of it stays resident, or nearly none (the resident set moves by a
+    # page or so besides, as the interpreter runs between the two readings).
+    applied, resident_mib = child_run("retain", clean_env())
+    assert applied == "True" and 94 <= resident_mib <= 97
+    applied, resident_mib = child_run("system", clean_env())
+    assert applied == "False" and -2 <= resident_mib <= 2
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
 @pytest.mark.parametrize("name, value", [("CFROBUST_SYSTEM_MALLOC", "1"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
                                          ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")])
 def test_the_users_own_malloc_settings_are_left_alone(name, value):
-    assert child_run("retain", clean_env(**{name: value})) == ("False", 0)
+    applied, resident_mib = child_run("retain", clean_env(**{name: value}))
+    assert applied == "False" and -2 <= resident_mib <= 2
 
 
 def test_only_malloc_tunables_count_as_the_users_choice():

@@ -219,9 +219,29 @@ def test_a_negative_clip_norm_is_refused(tiny_shards, tmp_path):
         train(config_of(tiny_shards, tmp_path / "run", clip_grad=-1.0))
 
 
-def test_fp16_needs_a_gpu():
+def test_fp16_needs_a_gpu(tiny_shards, tmp_path):
     with pytest.raises(UserError, match="--precision 16 needs a CUDA device"):
-        Precision("16", torch.device("cpu"))
+        train(config_of(tiny_shards, tmp_path / "run", precision="16", reg="none"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fp16_unscales_the_gradients_before_clipping_them():
+    # Training runs fp16 on the GPU only; its loss scaling is the same on the CPU. Clipping the
+    # still-scaled gradients would shrink the step by the loss scale (65536) instead.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    precision = Precision("16", torch.device("cpu"))
+    with precision.autocast():
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.arange(8) % 3)
+    assert loss.dtype == torch.float32 and model(torch.randn(1, 6)).dtype == torch.float32  # autocast ended
+    precision.backward(loss)
+    assert precision.scaler.get_scale() == 65536.0
+    precision.step(optimizer, clip_norm=0.01)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert moved.norm().item() == pytest.approx(0.01, rel=1e-3)  # lr 1: the step is the clipped gradient
+    assert precision.scaler.state_dict()["_growth_tracker"] == 1  # a finite step was counted
 
 
 def test_ranks_that_disagree_about_the_checkpoint_all_stop(monkeypatch, tmp_path):

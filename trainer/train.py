@@ -66,7 +66,9 @@ class RunState:
 
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
-    splits, info = training_manifest(config)
+    splits, info = training_manifest(config)  # checks the options first
+    if config.precision == "16" and env.device.type != "cuda":
+        raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
     out = Path(config.out)
     checkpoint = resume_point(out, config, check_existing=env.is_main)
     check_ranks_agree(out, checkpoint is not None, env)
@@ -161,15 +163,15 @@ class TrainingParts:
 
 
 class Precision:
-    """Autocast and, for fp16, a gradient scaler. `auto`: bf16 on GPU, fp32 on CPU."""
+    """Autocast and, for fp16, a gradient scaler. `auto`: bf16 on GPU, fp32 on CPU. Training
+    refuses fp16 on the CPU (`build_training`), but the loss scaling works the same on either
+    device, so the CPU tests check it."""
 
     def __init__(self, option: str, device: torch.device):
-        if option == "16" and device.type != "cuda":
-            raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
         kind = ("bf16" if device.type == "cuda" else "32") if option == "auto" else option
         self.device_type = device.type
         self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(kind)
-        self.scaler = torch.amp.GradScaler("cuda") if kind == "16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if kind == "16" else None
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
