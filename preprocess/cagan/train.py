@@ -152,7 +152,9 @@ def make_holes(batch, config: CaganConfig, patch: tuple[int, int], rng: np.rando
     holes_t = torch.from_numpy(holes).to(device)
     mask = hole_masks(holes_t, height, width)
     longest = int(np.max(np.maximum(holes[:, 2] - holes[:, 0], holes[:, 3] - holes[:, 1]), initial=0))
-    images = batch.images.to(device, non_blocking=True).float() / 127.5 - 1.0
+    # The loader's pixels are channels-last in memory; the inpainter's layers expect the default.
+    images = batch.images.to(device, non_blocking=True).to(torch.float32, memory_format=torch.contiguous_format)
+    images = images / 127.5 - 1.0
     return Holes(
         images=images,
         mask=mask,
