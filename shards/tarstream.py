@@ -8,12 +8,16 @@ WebDataset tars that any tar reader understands; `cfrobust shards verify` checks
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import BinaryIO, Collection, Iterator
 
 from cfrobust.errors import UserError
 
 BLOCK = 512
+# Sizes above this are checked against what is left of the file before they are read: a damaged
+# header could claim terabytes. Below it a short read costs nothing, and `shards verify` finds it.
+SUSPECT_SIZE = 64 << 20
 _REGULAR = (b"0", b"\0", b"7")
 _LONG_NAME = b"L"
 _PAX = (b"x", b"g")
@@ -45,6 +49,8 @@ def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -
             return  # end-of-archive marker (or a short file: `shards verify` reports those)
         name, size, kind = header_fields(block)
         padded = size + (-size % BLOCK)
+        if padded > SUSPECT_SIZE and padded > os.fstat(stream.fileno()).st_size - stream.tell():
+            raise ValueError(f"a member of {size} bytes runs past the end of the file")
         if kind in _REGULAR:
             head, slash, tail = (pending_name or name).rpartition("/")
             stem, _, ext = tail.partition(".")
@@ -88,7 +94,7 @@ def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> 
                     sample = {"__key__": key, "__url__": url}
                 if data is not None:
                     sample[ext] = data
-        except ValueError as exc:  # a size field that is not octal: not a tar header
+        except ValueError as exc:  # a size field that is not octal, or past the end: not a tar header
             raise UserError(f"{path}: not a readable tar at byte {stream.tell()} ({exc}); "
                             f"`cfrobust shards verify` checks every shard") from None
     if sample:

@@ -75,3 +75,17 @@ def test_a_sample_with_only_unread_parts_is_named_by_the_reader(tmp_path):
         archive.addfile(info, io.BytesIO(b"png"))
     with pytest.raises(UserError, match=r"s\.tar: sample lonely has no 'jpg' part"):
         list(iter_samples([path], []))
+
+
+@pytest.mark.parametrize("size_field", [b"77777777777\0", b"\xff" * 12])  # 8 GiB in octal; GNU base-256
+def test_a_header_claiming_more_bytes_than_the_file_holds_is_named_in_one_line(tmp_path, size_field):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"abc"))
+    data = bytearray(path.read_bytes())
+    data[124:136] = size_field
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"^{path}: not a readable tar at byte 512 \(a member of \d+ bytes runs past the end"):
+        list(iter_tar_samples(path))

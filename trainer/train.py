@@ -164,7 +164,7 @@ class TrainingParts:
 
 class Precision:
     """Autocast and, for fp16, a gradient scaler. `auto`: bf16 on GPU, fp32 on CPU. Training
-    refuses fp16 on the CPU (`build_training`), but the loss scaling works the same on either
+    refuses fp16 on the CPU (`train_in`), but the loss scaling works the same on either
     device, so the CPU tests check it."""
 
     def __init__(self, option: str, device: torch.device):
