@@ -6,7 +6,8 @@ and trims the heap when more than its trim threshold lies free at the top. Both 
 allocates and frees activation buffers of tens to hundreds of MB: by default every step maps
 them anew and page-faults through every page. Raising both thresholds keeps those buffers in
 the heap: `bench/process_settings_bench.py --setting malloc` measured a whole simple-cnn
-`cfrobust train` at 0.92x the time for 1.09x the peak memory. glibc only: elsewhere (musl, macOS) nothing changes.
+`cfrobust train` at 0.88x-0.92x the time for 1.09x the peak memory. glibc only: elsewhere (musl,
+macOS) nothing changes.
 """
 
 from __future__ import annotations

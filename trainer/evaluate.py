@@ -23,8 +23,9 @@ from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.derived import derived_figures
 from cfrobust.trainer.focus import batch_saliency_focus
 from cfrobust.trainer.metrics import anomaly_scores, mean_of_finite, ood_detection, split_metrics
+from cfrobust.trainer.models import on_device
 from cfrobust.trainer.ood import check_noise_kinds, noise_scores
-from cfrobust.trainer.pixels import model_memory_format, normalize
+from cfrobust.trainer.pixels import normalize
 
 EVAL_SCHEMA = "cfrobust.eval/1"
 PER_SAMPLE = ("logits", "anomaly", "labels", "focus")  # arrays predict() gathers, besides groups and keys
@@ -151,7 +152,7 @@ def evaluate_checkpoint(
             raise UserError(f"{shards}: no split {missing[0]!r} (found: {', '.join(available)})")
         check_classes(checkpoint, classes, shards, splits)
         num_classes = len(classes)
-        model.to(env.device, memory_format=model_memory_format(env.device))
+        on_device(model, env.device)
         results = evaluate_splits(
             model, shards, splits, env, batch_size, workers, num_classes,
             ood=ood, ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,

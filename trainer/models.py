@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cfrobust.errors import UserError
+from cfrobust.trainer.pixels import model_memory_format
 
 log = logging.getLogger(__name__)
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -49,6 +50,11 @@ def build_model(arch: str, num_classes: int, pretrained: str = "") -> nn.Module:
         log.info("%s: %d tensors loaded from %s; fresh: %s", arch, len(info["loaded"]), pretrained,
                  ", ".join(info["skipped"]) or "none")
     return model
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model moved to `device`, in the memory layout `normalize` gives its inputs there."""
+    return model.to(device, memory_format=model_memory_format(device))
 
 
 def architecture(arch: str, num_classes: int) -> nn.Module:

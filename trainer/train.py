@@ -35,10 +35,9 @@ from cfrobust.trainer.counterfactual import output_size
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.fills import ONLINE_FILLS
-from cfrobust.trainer.models import build_model
+from cfrobust.trainer.models import build_model, on_device
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
-from cfrobust.trainer.pixels import model_memory_format
 from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
 
 
@@ -291,8 +290,7 @@ def make_model(config: TrainConfig, num_classes: int, env: DistEnv):
     """The model, and the module to call in training (DDP-wrapped when distributed)."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     outputs = output_size(num_classes, config.cf_loss)
-    model = build_model(config.arch, outputs, config.pretrained)
-    model = model.to(env.device, memory_format=model_memory_format(env.device))
+    model = on_device(build_model(config.arch, outputs, config.pretrained), env.device)
     if not env.distributed:
         return model, model
     device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -29,7 +29,8 @@ from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import class_logits
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import pixel_units
-from cfrobust.trainer.pixels import box_masks, model_memory_format, normalize
+from cfrobust.trainer.models import on_device
+from cfrobust.trainer.pixels import box_masks, normalize
 from cfrobust.trainer.saliency import input_gradient, target_logit
 
 MIN_TILE = 96  # smaller stored images are enlarged by a whole factor so the picture stays legible
@@ -183,8 +184,7 @@ def load_model(checkpoint, shard_classes: list[str], device: torch.device) -> Sh
     model, config, classes = load_classifier(checkpoint)
     if classes != list(shard_classes):  # logit k must be the shards' class k
         raise UserError(f"{checkpoint}: trained on classes {classes}, but the shards have {list(shard_classes)}")
-    model = model.to(device, memory_format=model_memory_format(device))
-    return ShownModel(model.eval(), TrainConfig.from_dict(config), classes)
+    return ShownModel(on_device(model, device).eval(), TrainConfig.from_dict(config), classes)
 
 
 def predict(shown: ShownModel, batch: Batch) -> tuple[list[str], list[float]]:
