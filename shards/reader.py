@@ -28,7 +28,9 @@ from cfrobust.errors import UserError
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import read_info
 from cfrobust.shards.tarstream import iter_tar_samples
-from cfrobust.shards.schema import IMAGE_EXT, INFO_NAME, META_EXT, cf_ext, decode_rgb, required_exts
+from cfrobust.shards.schema import (
+    IMAGE_EXT, INFO_NAME, MASK_EXT, META_EXT, boxes_to_mask, cf_ext, decode_gray, decode_rgb, required_exts,
+)
 
 
 @dataclass
@@ -42,6 +44,9 @@ class Batch:
     cf: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [B, 3, H, W] uint8, as images
     groups: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    # [B, 1, H, W] bool object region when the reader was asked for masks: the sample's mask, its
+    # boxes' rectangles where it has none, nothing where it has no box.
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -68,6 +73,7 @@ class Batch:
             cf={m: move(t[rows]) for m, t in self.cf.items()},
             groups=self.groups[rows],
             keys=self.keys[rows],
+            masks=None if self.masks is None else move(self.masks[rows]),
         )
 
 
@@ -111,10 +117,10 @@ def iter_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]
         yield decode_sample(raw, cf_methods)
 
 
-def iter_raw_samples(paths: Iterable[Path], cf_methods: list[str]) -> Iterator[dict]:
-    """Undecoded samples (bytes by part) carrying only the parts `cf_methods` need; the others
-    (masks, unused fills) are skipped unread."""
-    wanted = set(required_exts(cf_methods))
+def iter_raw_samples(paths: Iterable[Path], cf_methods: list[str], masks: bool = False) -> Iterator[dict]:
+    """Undecoded samples (bytes by part) carrying only the parts `cf_methods` need, and the
+    masks if asked; the others (unused fills, masks) are skipped unread."""
+    wanted = set(required_exts(cf_methods)) | ({MASK_EXT} if masks else set())
     for path in paths:
         yield from iter_tar_samples(path, wanted)
 
@@ -170,6 +176,8 @@ def decode_sample(raw: dict, cf_methods: list[str], num_classes: int | None = No
             "boxes": meta["boxes"],
             "group": meta["group"],
         }
+        if MASK_EXT in raw:  # only there when the reader asked for masks
+            sample["mask"] = decode_gray(raw[MASK_EXT]) > 127
     except (ValueError, KeyError, TypeError) as exc:  # damaged JSON or image data
         raise UserError(f"{where}: {type(exc).__name__}: {exc}; `cfrobust shards verify` checks every sample") from None
     if num_classes is not None and not (isinstance(sample["label"], int) and 0 <= sample["label"] < num_classes):
@@ -177,7 +185,7 @@ def decode_sample(raw: dict, cf_methods: list[str], num_classes: int | None = No
     return sample
 
 
-def collate(samples: list[dict]) -> Batch:
+def collate(samples: list[dict], masks: bool = False) -> Batch:
     boxes, valid = padded_boxes([s["boxes"] for s in samples])
     return Batch(
         images=stack_images([s["image"] for s in samples]),
@@ -187,7 +195,20 @@ def collate(samples: list[dict]) -> Batch:
         cf={m: stack_images([s["cf"][m] for s in samples]) for m in samples[0]["cf"]},
         groups=[s["group"] for s in samples],
         keys=[s["key"] for s in samples],
+        masks=object_regions(samples) if masks else None,
     )
+
+
+def object_regions(samples: list[dict]) -> torch.Tensor:
+    """[B, 1, H, W] bool: each sample's mask, or its boxes' rectangles where it has no mask; empty
+    for a sample without boxes (none in the shards, or dropped by --box-fraction: plain ERM)."""
+    height, width = samples[0]["image"].shape[:2]
+    regions = np.zeros((len(samples), 1, height, width), bool)
+    for region, sample in zip(regions, samples):
+        if sample["boxes"]:
+            mask = sample.get("mask")
+            region[0] = mask if mask is not None else boxes_to_mask(sample["boxes"], width, height)
+    return torch.from_numpy(regions)
 
 
 def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -256,8 +277,10 @@ class TrainShards(IterableDataset):
         num_workers: int = 0,
         shuffle_buffer: int = SHUFFLE_BUFFER,
         experiment: DataExperiment | None = None,
+        masks: bool = False,
     ):
         self.split_dir = Path(split_dir)
+        self.masks = masks  # read KEY.mask.png and give batches their object regions
         self.info = split_info(split_dir)
         self.batch_size = batch_size
         self.cf_methods = list(cf_methods)
@@ -312,10 +335,10 @@ class TrainShards(IterableDataset):
             if len(raw_batch) < self.batch_size:  # the manifest promised more than the tars hold
                 raise UserError(f"{self.split_dir}: the shards hold fewer samples than {INFO_NAME} counts; "
                                 f"`cfrobust shards verify` finds the damage")
-            yield collate(self._decoded(raw_batch))
+            yield collate(self._decoded(raw_batch), self.masks)
 
     def _raw_stream(self, paths: list[Path]) -> Iterator[dict]:
-        raws = iter_raw_samples(paths, self.cf_methods)
+        raws = iter_raw_samples(paths, self.cf_methods, self.masks)
         if self.experiment is None:
             return raws
         return (raw for raw in raws if self.experiment.keeps(raw["__key__"]))

@@ -25,6 +25,9 @@ META_EXT = "json"
 # nearest MEAN, so it lands within half a grey level of 0 in the model's input space.
 NORMALIZE_MEAN = (0.485, 0.456, 0.406)
 NORMALIZE_STD = (0.229, 0.224, 0.225)
+# The trainer's choices (`train --normalize`): (mean, std) per channel. `bit` is the official
+# code's and BiT's, mean = std = 0.5 (inputs in [-1, 1]).
+NORMALIZATIONS = {"imagenet": (NORMALIZE_MEAN, NORMALIZE_STD), "bit": ((0.5,) * 3, (0.5,) * 3)}
 MEAN_RGB_UINT8 = tuple(round(255 * m) for m in NORMALIZE_MEAN)
 # The `random` fill, offline and online: the official inpainter (robust_cls_model,
 # arch/inpainting/Baseline.py, RandomColorWithNoiseInpainter) draws a colour per image and

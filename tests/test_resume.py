@@ -121,11 +121,13 @@ def test_resume_without_a_checkpoint_starts_fresh(tiny_shards, tmp_path):
 def test_preset_values_yield_to_explicit_options(tiny_shards, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(run), "--preset", "waterbirds",
-                                      "--epochs", "1", "--batch", "16", "--arch", "simple-cnn", "--workers", "0"])
+                                      "--epochs", "1", "--batch", "16", "--arch", "simple-cnn", "--workers", "0",
+                                      "--crop", "24", "--eval-size", "32"])  # the shards hold 32-px images
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
     assert (config["optimizer"], config["lr"], config["momentum"], config["weight_decay"]) == ("sgd", 8e-4, 0.9, 1e-4)
     assert (config["scheduler"], config["epochs"], config["batch"], config["clip_grad"]) == ("plateau", 1, 16, 1.0)
+    assert (config["arch"], config["crop"], config["eval_size"], config["normalize"]) == ("simple-cnn", 24, 32, "bit")
 
 
 def test_step_schedule_decays_at_the_milestone_epochs():

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from cfrobust.cli.main import cli
 from cfrobust.datasets.record import DatasetSource, Record
 from cfrobust.preprocess.pipeline import preprocess
-from cfrobust.shards.reader import collate, iter_samples, split_info
+from cfrobust.shards.reader import collate, decode_sample, iter_raw_samples, iter_samples, object_regions, split_info
 from cfrobust.shards.schema import boxes_to_mask
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.train import train
@@ -48,10 +48,11 @@ def grey_shards(tmp_path_factory):
 
 
 def stored_samples(split_dir) -> dict[str, dict]:
-    """The split's samples as the reader decodes them, by key."""
+    """The split's samples as the reader decodes them with their masks, by key."""
     info = split_info(split_dir)
     paths = [split_dir / s["name"] for s in info["shards"]]
-    return {s["key"]: s for s in iter_samples(paths, info["cf_methods"])}
+    raws = iter_raw_samples(paths, info["cf_methods"], masks=True)
+    return {s["key"]: s for s in (decode_sample(raw, info["cf_methods"]) for raw in raws)}
 
 
 def enlarged(image: np.ndarray, factor: int) -> np.ndarray:
@@ -152,9 +153,11 @@ def test_checkpoint_adds_attacks_and_saliency_columns(tiny_shards, checkpoint):
     for row, key in enumerate(grid.keys):
         original = grid.tile_at(row, column["original"])
         box = enlarged(boxes_to_mask(stored[key]["boxes"], 32, 32), 3)
+        region = enlarged(object_regions([stored[key]])[0, 0].numpy(), 3)  # the mask: training keeps it
+        assert region.sum() < box.sum()  # the synthetic objects are round: the mask is not the box
         for mode in ("F fgsm", "F pgd"):
             attacked = grid.tile_at(row, column[mode])
-            assert np.array_equal(attacked[box], original[box])
+            assert np.array_equal(attacked[region], original[region])
             assert (attacked != original).any(axis=2)[~box].mean() > 0.5
         for title in SALIENCY_TITLES:  # a heat map blended over the image changes it
             assert (grid.tile_at(row, column[title]) != original).any()

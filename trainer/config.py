@@ -13,15 +13,92 @@ CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns", "cagan")
 CF_LOSSES = ("logp", "uni", "uni_e", "channels")
 FACTUAL_MODES = ("none", "random", "shuffle", "mrand", "fgsm", "pgd")
 REGULARIZERS = ("none", "bbox_o", "bbox_f1", "gs")
+NORMALIZATIONS = ("imagenet", "bit")
+OBJECT_REGIONS = ("mask", "box")
 REG_GRADS = ("grad_y", "grad_sum", "grad_logp_y", "grad_logp_sum", "deeplift", "grad_cam")
 
 
-# The official code's hyperparameters per dataset (the paper's appendix and its training scripts).
+# The official code's values per dataset. Sources: github.com/zzzace2000/robust_cls_model at
+# c2b9a79; file:line after each value (lightning/ = arch/lightning/, data/ = arch/data/). Every run
+# there fine-tunes BiT-S-R50x1 from its .npz (train_pl.py:60 --finetune 1; cct.py:29 always): pass
+# the file with --pretrained, which no preset sets. The images go through Resize 256 (CCT: shorter
+# side 224), a random 224 crop keeping a box in view, a flip, then mean = std = 0.5; evaluation
+# resizes to 224. Their ColorJitter() has no ranges, i.e. changes nothing: color_jitter stays off.
+_WATERBIRDS = dict(
+    arch="bit-s-r50x1",  # lightning/waterbird.py:109 (--arch default BiT-S-R50x1)
+    optimizer="sgd",  # lightning/waterbird.py:37
+    lr=8e-4,  # lightning/waterbird.py:117 (--base_lr)
+    momentum=0.9,  # lightning/waterbird.py:39
+    weight_decay=1e-4,  # lightning/waterbird.py:39
+    epochs=40,  # lightning/waterbird.py:16, 110 (max_epochs)
+    batch=32,  # lightning/waterbird.py:111
+    eval_batch=256,  # lightning/waterbird.py:113 (--val_batch)
+    scheduler="plateau",  # lightning/waterbird.py:42-43 (ReduceLROnPlateau, mode min, on val_loss)
+    gamma=0.1,  # lightning/waterbird.py:45 (factor)
+    plateau_patience=1,  # lightning/waterbird.py:46 (threshold 1e-4 at :47 is the plateau schedule's own)
+    select_by="accuracy",  # lightning/waterbird.py:135 (monitor val_acc1, mode max)
+    clip_grad=1.0,  # train_pl.py:186 (gradient_clip_val)
+    normalize="bit",  # data/waterbirds_datasets.py:111, data/imagenet_datasets.py:193 (mean = std = 0.5)
+    crop=224,  # data/waterbirds_datasets.py:101, 106-107 (Resize 256 x 256, then box-keeping RandomCrop 224)
+    crop_scale="",  # data/waterbirds_datasets.py:107 (a plain crop, not a resized one)
+    hflip=True,  # data/waterbirds_datasets.py:108
+    color_jitter="",  # data/waterbirds_datasets.py:109 (ColorJitter() without ranges: the identity)
+    eval_size=224,  # lightning/waterbird.py:81 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
+    object_region="mask",  # data/waterbirds_datasets.py:71-76 (the segmentation mask is the object)
+)
+_IN9 = dict(
+    arch="bit-s-r50x1",  # lightning/in9.py:155
+    optimizer="sgd",  # lightning/in9.py:44
+    lr=0.05,  # lightning/in9.py:163 (--base_lr)
+    momentum=0.9,  # lightning/in9.py:46
+    weight_decay=1e-4,  # lightning/in9.py:46
+    epochs=25,  # lightning/in9.py:20, 156 (max_epochs)
+    batch=32,  # lightning/in9.py:157
+    eval_batch=256,  # lightning/in9.py:159 (--val_batch)
+    scheduler="step",  # lightning/in9.py:49-50 (MultiStepLR, stepped per epoch)
+    milestones="6,12,18",  # lightning/in9.py:19
+    gamma=0.1,  # lightning/in9.py:50
+    select_by="accuracy",  # lightning/in9.py:183 (monitor val_acc1, mode max)
+    clip_grad=1.0,  # train_pl.py:186 (gradient_clip_val)
+    normalize="bit",  # data/in9_datasets.py:153, data/imagenet_datasets.py:193 (mean = std = 0.5)
+    crop=224,  # data/in9_datasets.py:143, 148-149 (Resize 256 x 256, then box-keeping RandomCrop 224)
+    crop_scale="",  # data/in9_datasets.py:149 (a plain crop)
+    hflip=True,  # data/in9_datasets.py:150
+    color_jitter="",  # data/in9_datasets.py:151 (ColorJitter() without ranges: the identity)
+    eval_size=224,  # lightning/in9.py:122 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
+    object_region="mask",  # lightning/in9.py:153 (--mask seg), data/in9_datasets.py:51-61 (mask from no_fg)
+)
 PRESETS = {
-    "waterbirds": dict(optimizer="sgd", lr=8e-4, momentum=0.9, weight_decay=1e-4, epochs=40, batch=32, scheduler="plateau", clip_grad=1.0),
-    "in9": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=25, scheduler="step", milestones="6,12,18", clip_grad=1.0),
-    "in9l": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=20, scheduler="step", milestones="5,10,15", clip_grad=1.0),
-    "cct": dict(optimizer="rmsprop", lr=0.003, epochs=50, batch=64, clip_grad=1.0),
+    "waterbirds": _WATERBIRDS,
+    "in9": _IN9,
+    # IN9LLightningModel subclasses the IN-9 model and changes only these (lightning/in9.py:198-201).
+    "in9l": {**_IN9, "milestones": "5,10,15", "epochs": 20},  # lightning/in9.py:200, 201
+    "cct": dict(
+        arch="bit-s-r50x1",  # lightning/cct.py:21 (fixed)
+        optimizer="rmsprop",  # lightning/cct.py:43
+        lr=0.003,  # lightning/cct.py:107 (--base_lr)
+        momentum=0.9,  # lightning/cct.py:45
+        weight_decay=0.0,  # lightning/cct.py:43-45 (none given: RMSprop's default 0)
+        epochs=50,  # lightning/cct.py:100 (--max_epochs)
+        batch=64,  # lightning/cct.py:101
+        eval_batch=256,  # lightning/cct.py:103 (--val_batch)
+        scheduler="step",  # lightning/cct.py:48 (MultiStepLR, stepped per epoch)
+        milestones="15,30,45",  # lightning/cct.py:49
+        gamma=0.1,  # lightning/cct.py:49
+        select_by="auroc",  # lightning/cct.py:124 (monitor val_auc, mode max; val = cis_val, :79-80)
+        clip_grad=1.0,  # train_pl.py:186 (gradient_clip_val)
+        normalize="bit",  # data/cct_datasets.py:146, 156 (mean = std = 0.5)
+        # data/cct_datasets.py:138, 141-142: the shorter side resized to 224, then a box-keeping
+        # 224 x 224 crop, which moves along the longer side only. Shards are square: made with
+        # `preprocess --size 224` this crop changes nothing and training sees what evaluation
+        # sees; at the default 256 it is the small shifting crop of the other presets.
+        crop=224,
+        crop_scale="",  # data/cct_datasets.py:142 (a plain crop)
+        hflip=True,  # data/cct_datasets.py:143
+        color_jitter="",  # data/cct_datasets.py:144 (ColorJitter() without ranges: the identity)
+        eval_size=224,  # data/cct_datasets.py:152, 154 (Resize 224 x 224)
+        object_region="box",  # data/cct_datasets.py:103-120 (boxes only; CCT has no masks)
+    ),
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
 
@@ -53,9 +130,41 @@ class TrainConfig:
     clip_grad: float = option(
         0.0, "Clip the global gradient norm to this before each step (0: off; the presets clip at 1, as the official code)."
     )
+    plateau_patience: int = option(5, "plateau scheduler: epochs without a better validation loss before the rate decays.")
+    select_by: str = option(
+        "accuracy",
+        "Which validation figure picks best.pt: accuracy, auroc, or worst_group (worst-group accuracy; "
+        "needs a validation split with groups).",
+        ("accuracy", "auroc", "worst_group"),
+    )
+    eval_batch: int = option(0, "Images per evaluation batch (validation and the final eval; 0: twice --batch).")
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), 32, bf16, or 16 (fp16 with a grad scaler).", ("auto", "32", "bf16", "16"))
     seed: int = option(0, "Seed for initialisation, shard order and augmentation.")
     workers: int = option(2, "DataLoader worker processes per training process.")
+    normalize: str = option(
+        "imagenet",
+        "Input normalisation: imagenet (mean/std of ImageNet, what torchvision weights expect) or bit "
+        "(mean = std = 0.5, as the official code and BiT weights).",
+        NORMALIZATIONS,
+    )
+    object_region: str = option(
+        "mask",
+        "The object for F (what is kept) and Sal (where gradient may be): mask = the sample's segmentation mask, "
+        "its boxes' rectangles where the shards have no mask; box = the rectangles always. CF holes are always "
+        "the rectangles.",
+        OBJECT_REGIONS,
+    )
+    crop: int = option(
+        0, "Random crop of this many pixels that keeps at least one box in view (the official box-aware crop; 0: off)."
+    )
+    crop_scale: str = option(
+        "", "With --crop: a random-resized crop instead, covering MIN,MAX of the image's area (e.g. 0.35,1), resized to --crop."
+    )
+    hflip: bool = option(False, "Random horizontal flip (boxes and masks mirrored with the image).")
+    color_jitter: str = option(
+        "", "Colour jitter B,C,S,H (brightness, contrast, saturation, hue), one draw per sample shared by x and x_cf ('': off)."
+    )
+    eval_size: int = option(0, "Side at which validation and eval see images (0: --crop when set, else as stored).")
     cf: str = option("none", "Counterfactual fill (object removed), read from the shards unless --cf-online.", CF_FILLS)
     cf_online: bool = option(
         False,
@@ -107,6 +216,11 @@ class TrainConfig:
             return self
         values = {k: v for k, v in PRESETS[self.preset].items() if k not in explicit}
         return replace(self, **values)
+
+    def eval_side(self) -> int | None:
+        """The side validation and eval resize images to: --eval-size, else the training crop (the
+        official Resize(224) after training on 224-px crops), else as stored (None)."""
+        return self.eval_size or self.crop or None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, teardown_distributed
 from cfrobust.errors import UserError
@@ -25,21 +26,32 @@ from cfrobust.trainer.focus import batch_saliency_focus
 from cfrobust.trainer.metrics import anomaly_scores, mean_of_finite, ood_detection, split_metrics
 from cfrobust.trainer.models import on_device
 from cfrobust.trainer.ood import check_noise_kinds, noise_scores
-from cfrobust.trainer.pixels import normalize
+from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.pixels import normalize, set_normalization
 
 EVAL_SCHEMA = "cfrobust.eval/1"
 PER_SAMPLE = ("logits", "anomaly", "labels", "focus")  # arrays predict() gathers, besides groups and keys
 
 
-def model_outputs(model, images: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """All outputs of the model on a uint8 batch, normalised on the device. In float32 whatever
-    the training precision: bf16 logits (8 significant bits) would tie in the rankings behind
-    AUROC, AUPR and the OOD figures."""
-    return model(normalize(images.to(env.device))).float()
+def model_outputs(model, images: torch.Tensor, env: DistEnv, image_size: int | None = None) -> torch.Tensor:
+    """All outputs of the model on a uint8 batch, normalised on the device and resized to
+    `image_size` (None: as stored). In float32 whatever the training precision: bf16 logits
+    (8 significant bits) would tie in the rankings behind AUROC, AUPR and the OOD figures."""
+    return model(model_inputs(images.to(env.device), image_size)).float()
+
+
+def model_inputs(images: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
+    """uint8 images as the model sees them at evaluation: normalised, then resized (bilinear,
+    antialiased, as a PIL resize) when `image_size` differs from their side."""
+    x = normalize(images)
+    if image_size and tuple(x.shape[2:]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return x
 
 
 @torch.no_grad()
-def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None, focus: bool = False) -> dict:
+def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None, focus: bool = False,
+            image_size: int | None = None) -> dict:
     """Per-sample logits, anomaly scores (metrics.anomaly_scores), labels, groups, keys and, with
     `focus`, saliency focus (NaN where undefined) of a split, gathered from all ranks. Only the
     first `num_classes` outputs are logits (the `channels` CF loss adds K background outputs)."""
@@ -50,12 +62,13 @@ def predict(model, split_dir, env: DistEnv, batch_size: int = 256, workers: int 
         for batch in make_loader(EvalShards(split_dir, batch_size, env.rank, env.world_size), workers):
             part["labels"].append(batch.labels.numpy())
             batch = batch.to(env.device)
-            outputs = model_outputs(model, batch.images, env).cpu().numpy()
+            outputs = model_outputs(model, batch.images, env, image_size).cpu().numpy()
             part["logits"].append(outputs[:, :num_classes])
             part["anomaly"].append(anomaly_scores(outputs, num_classes or outputs.shape[1]))
             if focus:
-                images = normalize(batch.images)
-                part["focus"].append(batch_saliency_focus(model, images, batch.labels, batch.boxes, batch.box_valid))
+                images = model_inputs(batch.images, image_size)
+                boxes = batch.boxes * (images.shape[-1] / batch.images.shape[-1])  # to the resized pixels
+                part["focus"].append(batch_saliency_focus(model, images, batch.labels, boxes, batch.box_valid))
             part["groups"] += batch.groups
             part["keys"] += batch.keys
     finally:
@@ -81,12 +94,14 @@ def merge_parts(parts: list[dict]) -> dict:
 def evaluate_splits(
     model, shards_root, splits, env: DistEnv, batch_size: int = 256, workers: int = 0, num_classes=None,
     *, ood=(), ood_samples: int | None = None, ood_seed: int = 0, saliency_focus: bool = False,
+    image_size: int | None = None,
 ) -> dict:
-    """{split: figures} for each split. `ood`: noise kinds (ood.NOISE_KINDS) to score against
+    """{split: figures} for each split, images resized to `image_size` (None: as stored). `ood`: noise kinds (ood.NOISE_KINDS) to score against
     every split as in-distribution, `ood_samples` images each (default: as many as the split);
     `saliency_focus`: add the mean saliency focus of the split's samples with boxes."""
     kinds = check_noise_kinds(list(ood))
-    predictions = {s: predict(model, Path(shards_root) / s, env, batch_size, workers, num_classes, saliency_focus) for s in splits}
+    predictions = {s: predict(model, Path(shards_root) / s, env, batch_size, workers, num_classes, saliency_focus, image_size)
+                   for s in splits}
     results = {}
     for split, pred in predictions.items():
         if len(pred["labels"]) == 0:
@@ -97,11 +112,12 @@ def evaluate_splits(
             focus, counted = mean_of_finite(pred["focus"])
             results[split].update(saliency_focus=focus, saliency_focus_n=counted)
     if kinds:
-        add_ood_figures(results, predictions, model, shards_root, env, num_classes, kinds, ood_samples, ood_seed)
+        add_ood_figures(results, predictions, model, shards_root, env, num_classes, kinds, ood_samples, ood_seed, image_size)
     return results
 
 
-def add_ood_figures(results, predictions, model, shards_root, env, num_classes, kinds, ood_samples, ood_seed) -> None:
+def add_ood_figures(results, predictions, model, shards_root, env, num_classes, kinds, ood_samples, ood_seed,
+                    image_size=None) -> None:
     """results[split]["ood"][kind] = ood_detection(split's anomaly scores, noise scores).
 
     Each kind's noise is scored once per image size, as many images as the largest split needs;
@@ -113,7 +129,7 @@ def add_ood_figures(results, predictions, model, shards_root, env, num_classes, 
             need[size] = max(need.get(size, 0), ood_samples or len(pred["labels"]))
 
     def score(images: torch.Tensor) -> np.ndarray:
-        outputs = model_outputs(model, images, env)
+        outputs = model_outputs(model, images, env, image_size)
         return anomaly_scores(outputs.cpu().numpy(), num_classes or outputs.shape[1])
 
     was_training = model.training
@@ -143,6 +159,8 @@ def evaluate_checkpoint(
     env = setup_distributed(device)
     try:
         model, config, classes = load_classifier(checkpoint)
+        run = TrainConfig.from_dict(config)
+        set_normalization(run.normalize)
         available = list_splits(shards)
         splits = splits or [s for s in available if s != "train"]
         if not splits:
@@ -156,6 +174,7 @@ def evaluate_checkpoint(
         results = evaluate_splits(
             model, shards, splits, env, batch_size, workers, num_classes,
             ood=ood, ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,
+            image_size=run.eval_side(),
         )
         document = eval_document(checkpoint, config, results, shards)
         if ood:

@@ -1,9 +1,10 @@
 """Factual augmentation: keep the object, replace its background; the label stays y.
-Every mode is fn(images, holes, labels, generator, model=None, config=None) -> new images.
+Every mode is fn(images, holes, labels, generator, model=None, config=None, rects=None) -> new images.
 """
 
-# Inputs are the normalised images of the boxed samples, holes True on their boxes; only
-# fgsm/pgd use the model and the config. Meanings follow the official code:
+# Inputs are the normalised images of the boxed samples and `holes`, True on their object region
+# (the mask, or the boxes); `rects` are the boxes' rectangles (mrand removes a partner's object
+# by them); only fgsm/pgd use the model and the config. Meanings follow the official code:
 # zzzace2000/robust_cls_model, arch/lightning/base.py `get_inpainting_model`,
 # arch/inpainting/Baseline.py and arch/inpainting/AdvInpainting.py.
 
@@ -26,24 +27,25 @@ def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None 
     return (noise + 2 * differs - 4 * itself).argmax(dim=1)
 
 
-def mrand(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
-    """The object on the real background of an image of another class in the batch, whose own
-    object is tile-filled (a box-shaped hole) so that its shape does not come along; with a
+def mrand(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
+    """The object (by its region) on the real background of an image of another class in the
+    batch, whose own object is tile-filled (its boxes' rectangles as the hole) so that its shape
+    does not come along; with a
     single class in the batch there is no other background, and it stays 0 (official `mrand`:
     FactualMixedRandomTileInpainter)."""
     if bool((labels == labels[0]).all()):
         return images.masked_fill(~holes, 0.0)
     partner = other_class_partner(labels, generator)
-    return torch.where(holes, images, online_tile(images, holes)[partner])
+    return torch.where(holes, images, online_tile(images, holes if rects is None else rects)[partner])
 
 
-def random_background(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+def random_background(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """random: a per-image random colour plus noise everywhere but the object: the `random` fill
     applied to the complement of the hole (official RandomColorWithNoiseInpainter as f_inpaint)."""
     return online_random(images, ~holes, generator)
 
 
-def shuffled_background(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+def shuffled_background(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """shuffle: the background made of the batch's values in random order.
 
     The official ShuffleInpainter permutes x.reshape(-1) of the whole batch it is given (the
@@ -56,7 +58,7 @@ def shuffled_background(images, holes, labels, generator=None, model=None, confi
     return torch.where(holes, images, to_normalized(pixels[order].view_as(images)))
 
 
-def fgsm(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+def fgsm(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """fgsm: x + eps * sign(d CE / dx) outside the object, kept within the valid pixel range.
 
     Textbook FGSM from x. (The official AdvInpainting's fgsm starts from a uniform random delta and
@@ -66,7 +68,7 @@ def fgsm(images, holes, labels, generator=None, model=None, config=None) -> torc
     return _project(images, images + config.f_eps * grad.sign(), holes, config.f_eps)
 
 
-def pgd(images, holes, labels, generator=None, model=None, config=None) -> torch.Tensor:
+def pgd(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """pgd: random start in the eps-ball, then f_steps signed steps of f_alpha (0: eps / 4), each
     projected back to the ball, the pixel range and the background.
 

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD, RANDOM_NOISE_STD
-from cfrobust.trainer.pixels import normalize, tiled_backgrounds
+from cfrobust.shards.schema import RANDOM_NOISE_STD
+from cfrobust.trainer.pixels import mean_std, normalize, tiled_backgrounds
 
 OnlineFill = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
@@ -51,20 +51,14 @@ def online_shuffle(x: torch.Tensor, holes: torch.Tensor, generator: torch.Genera
 
 def pixel_units(x: torch.Tensor) -> torch.Tensor:
     """Normalised images back to [0, 1] pixel values."""
-    mean, std = _mean_std(x)
+    mean, std = mean_std(x.device, x.dtype)
     return x * std + mean
 
 
 def to_normalized(pixels: torch.Tensor) -> torch.Tensor:
     """[0, 1] float pixel values to normalised ones (`normalize` without the / 255)."""
-    mean, std = _mean_std(pixels)
+    mean, std = mean_std(pixels.device, pixels.dtype)
     return (pixels - mean) / std
-
-
-def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(NORMALIZE_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZE_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return mean, std
 
 
 ONLINE_FILLS: dict[str, OnlineFill] = {

@@ -57,10 +57,13 @@ class Objective:
         needs_boxes = self.counts_boxes
         holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3]) if needs_boxes else None
         has_box = batch.box_valid.any(dim=1) if needs_boxes else None
+        # F keeps and Sal rewards the object region (the mask when the batch has one); CF always
+        # removes the boxes' rectangles, so a counterfactual's hole does not show the object's shape.
+        region = batch.masks if needs_boxes and batch.masks is not None else holes
         mixed = mixup(x, y, config.mixup, self.generator) if config.mixup > 0 else None
         if self.regularizer is not None and self.score is not None:
             x.requires_grad_(True)  # the input gradient is taken on the unmixed images
-        rows = self._rows(model, batch, x, y, holes, has_box, mixed)
+        rows = self._rows(model, batch, x, y, holes, region, has_box, mixed)
         inputs = rows["x"] if len(rows) == 1 else torch.cat(list(rows.values()))  # ERM: no copy
         if config.gridmask:
             inputs = gridmask(inputs, self.generator)
@@ -71,7 +74,7 @@ class Objective:
             terms["cf"] = config.cf_coeff * self._mean_or_zero(self.cf_loss, logits["cf"], y[has_box])
         if self.regularizer is not None:
             grads = self._saliency(model, x, y, logits.get("x_sal", logits["x"]))
-            penalty = self.regularizer(grads, holes, has_box, inputs=x.detach(), counterfactuals=rows.get("cf"))
+            penalty = self.regularizer(grads, region, has_box, inputs=x.detach(), counterfactuals=rows.get("cf"))
             terms["sal"] = config.reg_coeff * self.reg_factor * penalty
         return terms, class_logits(logits["x"], config.cf_loss).detach()
 
@@ -93,7 +96,7 @@ class Objective:
             rows["sal"] = boxed
         return rows
 
-    def _rows(self, model, batch, x, y, holes, has_box, mixed) -> dict[str, torch.Tensor]:
+    def _rows(self, model, batch, x, y, holes, region, has_box, mixed) -> dict[str, torch.Tensor]:
         """The images of the one forward pass by role: x (or its mix), the unmixed x when mixup
         meets an input-gradient penalty, the factuals and the counterfactuals of boxed samples."""
         rows = {"x": x if mixed is None else mixed[0]}
@@ -102,7 +105,8 @@ class Objective:
         clean = x.detach()
         if self.factual is not None and bool(has_box.any()):
             rows["f"] = self.factual(
-                clean[has_box], holes[has_box], y[has_box], self.generator, model=model, config=self.config
+                clean[has_box], region[has_box], y[has_box], self.generator, model=model, config=self.config,
+                rects=holes[has_box],
             )
         if self.cf_loss is not None:
             rows["cf"] = self._counterfactuals(clean, holes, has_box, batch)

@@ -8,7 +8,9 @@ import torch
 
 from cfrobust.errors import UserError
 
-PLATEAU_PATIENCE = 5  # epochs without a better validation loss before the rate decays
+# A validation loss counts as better only when it is below the best so far by more than this
+# fraction of the best (torch's relative mode): the official Waterbirds schedule's threshold.
+PLATEAU_THRESHOLD = 1e-4
 
 
 def make_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
@@ -34,7 +36,10 @@ class Schedule:
         elif self.kind == "step":
             self.torch = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(config.milestones), config.gamma)
         elif self.kind == "plateau":
-            self.torch = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.gamma, patience=PLATEAU_PATIENCE)
+            self.torch = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=config.gamma, patience=config.plateau_patience,
+                threshold=PLATEAU_THRESHOLD, threshold_mode="rel",
+            )
         else:
             self.torch = None
 

@@ -8,19 +8,39 @@ from __future__ import annotations
 
 import torch
 
-from cfrobust.shards.schema import NORMALIZE_MEAN, NORMALIZE_STD
+from cfrobust.shards.schema import NORMALIZATIONS
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float (x / 255 - mean) / std, laid out in memory as the model runs
-    (`model_memory_format`); the `mean` fill maps to ~0.
+    """uint8 [B, 3, H, W] -> float (x / 255 - mean) / std in the active normalisation, laid out in
+    memory as the model runs (`model_memory_format`); the `mean` fill maps to ~0 under imagenet.
 
     Computed as x * (1 / (255 std)) - mean / std, in place on the one new float tensor: two
     passes over the batch instead of four (it runs on every image of every step). The layout
     change, if any, happens in the first pass, the conversion to float."""
-    scale, shift = _normalize_constants(images.device)
+    scale, shift = _normalize_constants(_active, images.device)
     layout = model_memory_format(images.device)
     return images.to(torch.float32, memory_format=layout, copy=True).mul_(scale).sub_(shift)  # never the caller's
+
+
+# The normalisation every pixel function of the trainer uses (a NORMALIZATIONS name). A run uses
+# one from start to end, so train, eval and show set it once from the run's config instead of
+# handing it to every fill, factual mode and attack that converts between pixels and inputs.
+_active = "imagenet"
+
+
+def set_normalization(name: str) -> None:
+    global _active
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalisation {name!r}")
+    _active = name
+
+
+def mean_std(device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, 1, 1] mean and std of the active normalisation."""
+    mean, std = NORMALIZATIONS[_active]
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1))
 
 
 def model_memory_format(device: torch.device) -> torch.memory_format:
@@ -33,18 +53,16 @@ def model_memory_format(device: torch.device) -> torch.memory_format:
 _NORMALIZE_CONSTANTS: dict = {}
 
 
-def _normalize_constants(device) -> tuple[torch.Tensor, torch.Tensor]:
-    if device not in _NORMALIZE_CONSTANTS:
-        mean = torch.tensor(NORMALIZE_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(NORMALIZE_STD, dtype=torch.float64).view(1, 3, 1, 1)
-        _NORMALIZE_CONSTANTS[device] = ((1 / (255 * std)).float().to(device), (mean / std).float().to(device))
-    return _NORMALIZE_CONSTANTS[device]
+def _normalize_constants(name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if (name, device) not in _NORMALIZE_CONSTANTS:
+        mean, std = mean_std(dtype=torch.float64)
+        _NORMALIZE_CONSTANTS[name, device] = ((1 / (255 * std)).float().to(device), (mean / std).float().to(device))
+    return _NORMALIZE_CONSTANTS[name, device]
 
 
 def normalized_range(device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, 3, 1, 1] normalised values of pixel 0 and pixel 255: the range a valid image spans."""
-    mean = torch.tensor(NORMALIZE_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZE_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = mean_std(device, dtype)
     return (0.0 - mean) / std, (1.0 - mean) / std
 
 

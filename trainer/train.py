@@ -29,6 +29,7 @@ from cfrobust.outputs import check_output_folder, check_replaceable, remove_fold
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
+from cfrobust.trainer.augment import Augmentation
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import RUN_FILES, TrainConfig
 from cfrobust.trainer.counterfactual import output_size
@@ -38,6 +39,7 @@ from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model, on_device
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
+from cfrobust.trainer.pixels import set_normalization
 from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
 
 
@@ -66,6 +68,7 @@ class RunState:
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
+    set_normalization(config.normalize)
     if config.precision == "16" and env.device.type != "cuda":
         raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
     out = Path(config.out)
@@ -98,8 +101,9 @@ def train_in(env: DistEnv, config: TrainConfig):
                 save_epoch(out, state, saved, is_best=improved)
             log.epoch_done(record)
     model.load_state_dict(best_weights)
-    results = evaluate_splits(model, config.shards, [s for s in splits if s != "train"], env, 2 * config.batch,
-                              num_classes=len(info["classes"]))
+    results = evaluate_splits(model, config.shards, [s for s in splits if s != "train"], env,
+                              config.eval_batch or 2 * config.batch, num_classes=len(info["classes"]),
+                              image_size=config.eval_side())
     document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results, config.shards)
     document["best_epoch"] = state.best_epoch
     if env.is_main:
@@ -119,12 +123,13 @@ def build_training(config: TrainConfig, info: dict, env: DistEnv) -> tuple[torch
         env.world_size,
         config.workers,
         experiment=DataExperiment(config.seed, config.data_ratio, config.box_fraction, config.bbox_noise),
+        masks=reads_masks(config),
     )
     optimizer = make_optimizer(model, config)
     # Augmentation randomness differs per rank (each sees other images) but is seeded.
     generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
     parts = TrainingParts(ddp_model, Objective(config, generator), optimizer, Schedule(optimizer, config, len(data)),
-                          Precision(config.precision, env.device), generator, env, config)
+                          Precision(config.precision, env.device), generator, env, config, Augmentation.from_config(config))
     return model, data, parts
 
 
@@ -134,17 +139,37 @@ def close_epoch(model, parts: "TrainingParts", state: RunState, record: dict, se
     returns the epoch's record for metrics.jsonl and whether it is the best so far."""
     config, epoch = parts.config, record["epoch"]
     if select_on:
-        val = evaluate_splits(model, config.shards, [select_on], parts.env, 2 * config.batch, num_classes=num_classes)
-        record["val"] = {k: val[select_on][k] for k in VAL_FIGURES}
-        record["val"]["split"] = select_on
+        val = evaluate_splits(model, config.shards, [select_on], parts.env, config.eval_batch or 2 * config.batch,
+                              num_classes=num_classes, image_size=config.eval_side())
+        record["val"] = validation_record(val[select_on], select_on, config.select_by)
     parts.schedule.after_epoch(record["val"]["loss"] if select_on else None)
-    score = record["val"]["accuracy"] if select_on else epoch  # without val: the last epoch
-    improved = score > state.best_score
+    score = record["val"][record["val"]["selected_by"]] if select_on else epoch  # without val: the last epoch
+    improved = score > state.best_score  # a tie keeps the earlier epoch
     if improved:
         state.best_score, state.best_epoch = score, epoch
     state.epoch, state.batches_done = epoch, 0
     state.metrics.append(record)
     return record, improved
+
+
+# --select-by -> the selection split's figure (evaluate's name) that ranks epochs for best.pt.
+SELECTION_FIGURES = {"accuracy": "accuracy", "auroc": "auroc", "worst_group": "worst_group_accuracy"}
+
+
+def validation_record(figures: dict, split: str, select_by: str) -> dict:
+    """metrics.jsonl's "val": the split's figures, its AUROC (null where undefined; kept out of
+    VAL_FIGURES, whose values go to TensorBoard as numbers) and the figure that ranked the epoch."""
+    record = {k: figures[k] for k in VAL_FIGURES}
+    record.update(auroc=figures["auroc"], split=split, selected_by=selection_figure(figures, select_by))
+    return record
+
+
+def selection_figure(figures: dict, select_by: str) -> str:
+    """The figure that ranks the epoch. AUROC is undefined (None) on a split that holds a single
+    class (two classes: no positives or no negatives); that depends on the labels alone, so it holds
+    for every epoch of the run, which is then ranked by accuracy throughout."""
+    name = SELECTION_FIGURES[select_by]
+    return "accuracy" if figures[name] is None else name
 
 
 @dataclass
@@ -159,6 +184,13 @@ class TrainingParts:
     generator: torch.Generator
     env: DistEnv
     config: TrainConfig
+    augmentation: Augmentation = field(default_factory=Augmentation)  # none unless configured
+
+
+def reads_masks(config: TrainConfig) -> bool:
+    """Whether training needs the samples' masks: only F and Sal use the object region."""
+    return config.object_region == "mask" and (config.f != "none" or config.reg != "none")
+
 
 
 class Precision:
@@ -204,7 +236,8 @@ def train_one_epoch(parts: TrainingParts, loader, state: RunState, epoch: int, l
         if index < skip:
             continue  # the stream is deterministic: these batches were trained on before the crash
         lr = current_lr(parts)  # the rate this step uses (the schedule moves it after the step)
-        terms, logits, batch = optimizer_step(parts, batch.to(env.device, non_blocking=True))
+        batch = parts.augmentation(batch.to(env.device, non_blocking=True), epoch)
+        terms, logits, batch = optimizer_step(parts, batch)
         state.step += 1
         state.batches_done = index + 1
         meter.add(terms, logits, batch.labels)
@@ -279,11 +312,26 @@ def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
 
 
 def selection_split(splits: list[str]) -> str | None:
-    """The split that picks best.pt: `val`, else the first `*val` split (CCT's cis_val), else none
-    (the caller passes only the splits that hold samples)."""
+    """The split that picks best.pt (by --select-by) and feeds the plateau schedule: `val`, else
+    the first `*val` split (CCT's cis_val), else none, and the last epoch is best whatever
+    --select-by says (the caller passes only the splits that hold samples)."""
     if "val" in splits:
         return "val"
     return next((s for s in splits if s.endswith("val")), None)
+
+
+def check_worst_group_selection(shards: str) -> None:
+    """--select-by worst_group needs a selection split of two or more groups (its manifest lists
+    the groups it holds): with one group, worst-group accuracy is plain accuracy."""
+    filled = [s for s in list_splits(shards) if read_info(Path(shards) / s)["num_samples"] > 0]
+    split = selection_split(filled)
+    if split is None:
+        raise UserError(f"--select-by worst_group: {shards} has no validation split (val or *val) with samples")
+    groups = read_info(Path(shards) / split).get("groups", [])
+    if len(groups) < 2:
+        named = ", ".join(map(repr, groups)) or "none"
+        raise UserError(f"--select-by worst_group: {shards}/{split} holds {len(groups)} group(s) ({named}); "
+                        f"it needs two or more, else use --select-by accuracy")
 
 
 def make_model(config: TrainConfig, num_classes: int, env: DistEnv):
@@ -333,12 +381,32 @@ def check_config(config: TrainConfig, info: dict) -> None:
     for name, ok, rule in OPTION_RULES:
         value = getattr(config, name)
         if not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} {value:g}: {rule}")
+            shown = value if isinstance(value, str) else f"{value:g}"
+            raise UserError(f"--{name.replace('_', '-')} {shown}: {rule}")
+    if config.select_by == "worst_group":
+        check_worst_group_selection(config.shards)
     if config.batch_split > config.batch:
         raise UserError(f"--batch-split {config.batch_split} cuts a batch of {config.batch} into more chunks than images")
+    check_augmentation(config, info)
     if config.precision == "16" and config.reg != "none":
         raise UserError("--precision 16 with --reg: the saliency map's gradients are not loss-scaled and can "
                         "underflow to 0 in fp16; use --precision bf16 or 32")
+
+
+def check_augmentation(config: TrainConfig, info: dict) -> None:
+    stored = info.get("size")
+    if config.crop < 0 or config.eval_size < 0:
+        raise UserError(f"--crop {config.crop} / --eval-size {config.eval_size}: sides must be 0 (off) or positive pixels")
+    if stored and config.crop > stored and not config.crop_scale:
+        raise UserError(f"--crop {config.crop}: the shards store {stored}-px images; crop at most {stored} "
+                        f"(or resize with --crop-scale)")
+    if config.crop_scale and not config.crop:
+        raise UserError("--crop-scale sets the area of a random-resized crop: give its output side with --crop")
+    augmentation = Augmentation.from_config(config)  # parses --crop-scale and --color-jitter
+    if augmentation.scale and not 0 < augmentation.scale[0] <= augmentation.scale[1] <= 1:
+        raise UserError(f"--crop-scale {config.crop_scale}: need 0 < MIN <= MAX <= 1 (shares of the image's area)")
+    if config.bbox_noise > 0 and reads_masks(config):
+        raise UserError("--bbox-noise moves the boxes but not the masks: add --object-region box to study box noise")
 
 
 # (option, test, what it must be): checked before any work, named with the value in the message.
@@ -351,6 +419,9 @@ OPTION_RULES = [
     ("momentum", lambda v: v >= 0, "must be 0 or more"),
     ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
     ("gamma", lambda v: v > 0, "a decay factor must be positive"),
+    ("plateau_patience", lambda v: v >= 0, "must be 0 (decay after every epoch without progress) or more epochs"),
+    ("select_by", lambda v: v in SELECTION_FIGURES, f"choose one of {', '.join(SELECTION_FIGURES)}"),
+    ("eval_batch", lambda v: v >= 0, "must be 0 (twice --batch) or more images"),
     ("clip_grad", lambda v: v >= 0, "a gradient norm cannot be negative (0 turns clipping off)"),
     ("cf_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
     ("reg_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),

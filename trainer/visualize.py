@@ -30,7 +30,7 @@ from cfrobust.trainer.counterfactual import class_logits
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import pixel_units
 from cfrobust.trainer.models import on_device
-from cfrobust.trainer.pixels import box_masks, normalize
+from cfrobust.trainer.pixels import box_masks, normalize, set_normalization
 from cfrobust.trainer.saliency import input_gradient, target_logit
 
 MIN_TILE = 96  # smaller stored images are enlarged by a whole factor so the picture stays legible
@@ -85,7 +85,10 @@ def render_grid(
     torch_device = choose_device(device, 0)
     samples, info, notes = choose_samples(shards, split, count, seed)
     shown = load_model(checkpoint, info["classes"], torch_device) if checkpoint else None
-    batch = collate(samples).to(torch_device)
+    set_normalization(shown.config.normalize if shown else "imagenet")
+    # The factual columns keep the object region training used: the mask unless the run said box.
+    by_mask = shown is None or shown.config.object_region == "mask"
+    batch = collate(samples, masks=by_mask).to(torch_device)
     if not bool(batch.box_valid.any()):
         notes.append("no shown sample has a box: the factual columns equal the originals")
     shape = tile_shape(*batch.images.shape[2:])
@@ -222,6 +225,7 @@ def factual_images(batch: Batch, modes: list[str], seed: int, shown: ShownModel 
     training; samples without a box stay as they are (they train as ERM)."""
     x = normalize(batch.images)
     holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3])
+    region = holes if batch.masks is None else batch.masks
     boxed = batch.box_valid.any(dim=1)
     model, config = (shown.model, shown.config) if shown else (None, None)
     out = {}
@@ -229,7 +233,8 @@ def factual_images(batch: Batch, modes: list[str], seed: int, shown: ShownModel 
         generator = torch.Generator(x.device).manual_seed(seed * 1000 + index)
         made = x.clone()
         if bool(boxed.any()):
-            made[boxed] = FACTUAL_MODES[mode](x[boxed], holes[boxed], batch.labels[boxed], generator, model=model, config=config)
+            made[boxed] = FACTUAL_MODES[mode](x[boxed], region[boxed], batch.labels[boxed], generator, model=model,
+                                              config=config, rects=holes[boxed])
         out[mode] = to_uint8(made)
     return out
 
