@@ -21,6 +21,7 @@ COMMANDS = {
     "report": ("cfrobust.cli.report", "report"),
     "show": ("cfrobust.cli.show", "show"),
     "cagan": ("cfrobust.cli.cagan", "cagan"),
+    "synthetic": ("cfrobust.cli.synthetic", "synthetic"),
 }
 
 
@@ -50,6 +51,7 @@ def cli() -> None:
       cfrobust report       seed-averaged tables over run folders
       cfrobust show         picture grid of originals, counterfactuals, factuals, saliency
       cfrobust cagan        train or import the CAGAN inpainter for `--cf cagan`
+      cfrobust synthetic    write a built-in benchmark member as Waterbirds or COCO files
     """
 
 

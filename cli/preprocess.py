@@ -9,13 +9,14 @@ import click
 
 from cfrobust.cli.options import comma_list
 from cfrobust.datasets import DATASET_NAMES
+from cfrobust.datasets.synthetic_variants import VARIANT_NAMES, variants_help
 from cfrobust.errors import UserError
 
 SHOWN_PROBLEMS = 10  # skipped records printed per split; all of them are in _info.json
 
 # Which source options each dataset takes (the rest must stay unset).
 SOURCE_OPTIONS = {
-    "synthetic": ("seed", "synthetic_sizes", "synthetic_image_size", "synthetic_correlation"),
+    "synthetic": ("seed", "synthetic_sizes", "synthetic_image_size", "synthetic_correlation", "variant", "twin"),
     "waterbirds": ("root", "boxes", "cub_root"),
     "in9": ("root", "loc_csv"),
     "in9l": ("root", "loc_csv"),
@@ -25,8 +26,8 @@ SOURCE_OPTIONS = {
 }
 REQUIRED = {"waterbirds": ("root",), "in9": ("root",), "in9l": ("root",), "cct": ("root",),
             "coco": ("images", "annotations"), "folder": ("root",)}
-DEFAULTS = {"seed": 0, "synthetic_sizes": "2000,400,800", "synthetic_image_size": 64, "synthetic_correlation": 0.95,
-            "boxes": "segmentation"}
+DEFAULTS = {"seed": 0, "synthetic_sizes": "2000,400,800", "synthetic_image_size": 64, "synthetic_correlation": None,
+            "variant": "default", "twin": False, "boxes": "segmentation"}
 
 existing = click.Path(exists=True, path_type=Path)
 
@@ -57,7 +58,9 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--seed", type=int, help="synthetic: seed  [default: 0]")
 @click.option("--synthetic-sizes", help="synthetic: train,val,test counts  [default: 2000,400,800]")
 @click.option("--synthetic-image-size", type=int, help="synthetic: image side in pixels  [default: 64]")
-@click.option("--synthetic-correlation", type=float, help="synthetic: share of training images whose background agrees with the label  [default: 0.95]")
+@click.option("--synthetic-correlation", type=float, help="synthetic: share of training images whose background agrees with the label  [default: the variant's; 0.95 for default]")
+@click.option("--variant", type=click.Choice(VARIANT_NAMES), help=f"synthetic: member of the benchmark family: {variants_help()}  [default: default]")
+@click.option("--twin", is_flag=True, help="synthetic: the variant's uncorrelated twin: the same objects, each training place drawn independently of the label.")
 def preprocess(
     dataset, out, cf, cagan_weights, device, batch, size, shard_size, strict, overwrite, resume, workers, rank, world_size,
     **source,
@@ -85,23 +88,31 @@ def preprocess(
 def adapter_options(dataset: str, given: dict) -> dict:
     """Check which source options apply to `dataset` and turn them into adapter arguments."""
     allowed = SOURCE_OPTIONS[dataset]
-    stray = [k for k, v in given.items() if v not in (None, ()) and k not in allowed]
+    stray = [k for k, v in given.items() if not unset(v) and k not in allowed]
     if stray:
         raise click.UsageError(f"--{stray[0].replace('_', '-')} does not apply to --dataset {dataset}")
-    missing = [k for k in REQUIRED.get(dataset, ()) if given.get(k) in (None, ())]
+    missing = [k for k in REQUIRED.get(dataset, ()) if unset(given.get(k))]
     if missing:
         raise click.UsageError(f"--dataset {dataset} needs --{missing[0].replace('_', '-')}")
-    values = {k: given[k] if given.get(k) not in (None, ()) else DEFAULTS.get(k) for k in allowed}
+    values = {k: given[k] if not unset(given.get(k)) else DEFAULTS.get(k) for k in allowed}
     if dataset == "synthetic":
         return dict(
             seed=values["seed"],
             sizes=synthetic_sizes(str(values["synthetic_sizes"])),
             image_size=values["synthetic_image_size"],
             correlation=values["synthetic_correlation"],
+            variant=values["variant"],
+            twin=values["twin"],
         )
     if dataset == "coco":
         return {"images": values["images"], "annotations": split_files(values["annotations"])}
     return values
+
+
+def unset(value) -> bool:
+    """An option left out: no value, no repeated value, or a flag not given (by identity: 0 and
+    0.0 are values)."""
+    return value is None or value == () or value is False
 
 
 def synthetic_sizes(text: str) -> tuple[int, ...]:
