@@ -4,6 +4,9 @@
                                 [--workers 1] [--steps 20] [--repeats 3] [--block 5]
                                 [--terms erm,cf,f_mrand,f_fgsm,sal] [--json FILE]
 
+    python bench/train_bench.py --size 224 --batch 16 --workers 0 --steps 30 --repeats 4 \
+        --terms erm,erm_aug,erm_rrc,f_mrand_box,f_mrand     # what augmentation and masks cost
+
 Measured in one run on the same machine: (a) the bare step, forward + backward + SGD step of the
 model on one in-memory batch of the same shape, repeated; (b) the full loop on built-in-dataset
 shards (the loader decoding JPEGs, device-side normalisation and masks, the objective, the
@@ -14,7 +17,11 @@ alternating blocks of --block steps through one warm loop; with loader workers (
 ahead while the bare step runs), --repeats whole runs of --steps steps, each with a fresh
 loader warmed up untimed. Prints images/s, loop/bare for ERM (the median of the pairs'
 ratios, with their quartiles) and each term's time per image relative to the ERM loop.
---json writes the figures for bench/gpu_check.sh.
+The loop is train_one_epoch's: the parts build_training makes (masks read when F or Sal uses
+them, the run's augmentation), each batch augmented on the device before optimizer_step.
+Augmented rows also give the augmentation's own time as a share of the ERM loop's, and a row
+with a baseline (BASELINES: masks against boxes, augmentation against none) its time against
+that row's. --json writes the figures for bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -36,20 +43,39 @@ import torch
 
 from cfrobust.datasets import open_dataset
 from cfrobust.preprocess.pipeline import preprocess
-from cfrobust.shards.reader import TrainShards, make_loader, shuffle_ramp_batches
+from cfrobust.shards.reader import make_loader, shuffle_ramp_batches, split_info
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.distributed import DistEnv, setup_distributed
-from cfrobust.trainer.objective import Objective
-from cfrobust.trainer.optim import Schedule, make_optimizer
-from cfrobust.trainer.train import Precision, TrainingParts, make_model, optimizer_step
+from cfrobust.trainer.optim import make_optimizer
+from cfrobust.trainer.train import Precision, build_training, make_model, optimizer_step
 
+# Options of each row; a function of --size where a crop side depends on it. F and Sal use the
+# default object region, the mask (the reader then decodes KEY.mask.png); *_box use the boxes.
 TERMS = {
     "erm": {},
+    # The presets' augmentation (a box-keeping crop of 224 from 256, 7/8 of the side, + flip) at
+    # --size: the model sees fewer pixels than ERM's, so the augmentation's own time is the figure.
+    "erm_aug": lambda size: {"crop": size * 7 // 8, "hflip": True},
+    # A random-resized crop back to --size + flip: the model's input as ERM's, so the whole loop's
+    # time against ERM's is the augmentation's cost.
+    "erm_rrc": lambda size: {"crop": size, "crop_scale": "0.35,1", "hflip": True},
+    "erm_jitter": lambda size: {"crop": size, "crop_scale": "0.35,1", "hflip": True, "color_jitter": "0.4,0.4,0.4,0.1"},
     "cf": {"cf": "tile"},
     "f_mrand": {"f": "mrand"},
+    "f_mrand_box": {"f": "mrand", "object_region": "box"},
     "f_fgsm": {"f": "fgsm"},
     "sal": {"reg": "bbox_o"},
+    "sal_box": {"reg": "bbox_o", "object_region": "box"},
 }
+DEFAULT_TERMS = "erm,cf,f_mrand,f_fgsm,sal"
+# Row -> the row it is compared with, besides ERM: the same loop without the one thing it adds.
+BASELINES = {"erm_aug": "erm", "erm_rrc": "erm", "erm_jitter": "erm_rrc", "f_mrand": "f_mrand_box",
+             "sal": "sal_box"}
+
+
+def term_options(name: str, size: int) -> dict:
+    options = TERMS[name]
+    return options(size) if callable(options) else options
 
 
 def make_shards(root: Path, size: int, count: int, workers: int) -> Path:
@@ -61,14 +87,6 @@ def make_shards(root: Path, size: int, count: int, workers: int) -> Path:
         preprocess(source, shards, ["tile"], shard_size=max(1, count // shard_count), progress=False, overwrite=True,
                    workers=min(8, os.cpu_count() or 1))
     return shards
-
-
-def parts_for(config: TrainConfig, env: DistEnv) -> TrainingParts:
-    model, wrapped = make_model(config, 2, env)
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator(env.device).manual_seed(0)
-    return TrainingParts(wrapped, Objective(config, generator), optimizer, Schedule(optimizer, config, 1000),
-                         Precision(config.precision, env.device), generator, env, config)
 
 
 class BareSteps:
@@ -97,15 +115,15 @@ class BareSteps:
 
 
 class LoopSteps:
-    """The real loop: shards through the loader (and its workers), objective, step; epochs
-    follow one another as in training."""
+    """The real loop: shards through the loader (and its workers), augmentation, objective, step;
+    epochs follow one another as in training. Built by build_training, as `cfrobust train` builds
+    it, so the reader loads masks and the parts augment exactly when a run would."""
 
     def __init__(self, config: TrainConfig, env: DistEnv):
         self.env, self.config = env, config
-        self.parts = parts_for(config, env)
-        cf = [config.cf] if config.cf != "none" else []
-        self.data = TrainShards(Path(config.shards) / "train", config.batch, cf, seed=0, num_workers=config.workers)
+        _, self.data, self.parts = build_training(config, split_info(Path(config.shards) / "train"), env)
         self.batches = self._endless()
+        self.augment_seconds = 0.0  # time inside the augmentation, summed over the timed steps
 
     def _endless(self):
         while True:
@@ -120,17 +138,32 @@ class LoopSteps:
         self.batches.close()
 
     def run(self, steps: int) -> float:
+        """Seconds for `steps` steps; adds the augmentation's share to augment_seconds."""
         sync(self.env)
         start = time.perf_counter()
         for _ in range(steps):
-            optimizer_step(self.parts, next(self.batches).to(self.env.device, non_blocking=True))
+            batch = next(self.batches).to(self.env.device, non_blocking=True)
+            batch = self.augment(batch)
+            optimizer_step(self.parts, batch)
         sync(self.env)
         return time.perf_counter() - start
 
+    def augment(self, batch):
+        """train_one_epoch's augmentation (keyed by the loader's epoch), timed on its own; the
+        extra synchronisation is a no-op without augmentation and on the CPU."""
+        if not self.parts.augmentation.active:
+            return batch
+        sync(self.env)
+        start = time.perf_counter()
+        batch = self.parts.augmentation(batch, self.data.epoch)
+        sync(self.env)
+        self.augment_seconds += time.perf_counter() - start
+        return batch
+
 
 def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmup: int, pairs: int) -> list[tuple]:
-    """(bare seconds, loop seconds) for `steps` steps each, timed one after the other, `pairs`
-    times. Loader workers would read ahead while the bare step runs, so with workers every
+    """(bare seconds, loop seconds, augmentation seconds within the loop's) for `steps` steps
+    each, timed one after the other, `pairs` times. Loader workers would read ahead while the bare step runs, so with workers every
     pair times the bare run first, then starts a fresh loader (warmed up untimed) and times a
     whole run; without them the loop does nothing between its steps, and short alternating
     blocks of one warm loop pair up bare and loop time within a second of each other."""
@@ -139,7 +172,7 @@ def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmu
     if config.workers == 0:
         loop = LoopSteps(config, env)
         loop.run(warmup)
-        times = [(bare.run(steps), loop.run(steps)) for _ in range(pairs)]
+        times = [(bare.run(steps), *timed_block(loop, steps)) for _ in range(pairs)]
         loop.close()
         return times
     times = []
@@ -147,9 +180,15 @@ def paired_times(config: TrainConfig, env: DistEnv, size: int, steps: int, warmu
         bare_seconds = bare.run(steps)  # before the loader exists: its workers would read ahead
         loop = LoopSteps(config, env)
         loop.run(warmup)
-        times.append((bare_seconds, loop.run(steps)))
+        times.append((bare_seconds, *timed_block(loop, steps)))
         loop.close()
     return times
+
+
+def timed_block(loop: LoopSteps, steps: int) -> tuple[float, float]:
+    """(loop seconds, augmentation seconds within them) for `steps` steps."""
+    loop.augment_seconds = 0.0
+    return loop.run(steps), loop.augment_seconds
 
 
 def sync(env: DistEnv) -> None:
@@ -170,7 +209,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per term (with --workers > 0)")
     parser.add_argument("--block", type=int, default=5, help="steps per timed block with --workers 0: "
                         "--repeats x --steps / --block bare/loop block pairs per term")
-    parser.add_argument("--terms", default=",".join(TERMS))
+    parser.add_argument("--terms", default=DEFAULT_TERMS, help=f"comma-separated rows of: {', '.join(TERMS)}")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfrobust-train-bench")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -191,30 +230,53 @@ def main() -> None:
     base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "arch": args.arch, "size": args.size, "batch": args.batch, "workers": args.workers, "loop": {}}
-    over_bare, bare_times = {}, []
+    over_bare, augment_over_bare, bare_times = {}, {}, []
     for name in args.terms.split(","):
-        times = paired_times(TrainConfig(**base, **TERMS[name]), env, args.size, steps, args.warmup, pairs)
-        over_bare[name] = [bare / loop for bare, loop in times]
-        bare_times += [bare for bare, _ in times]
-        results["loop"][name] = steps * args.batch / statistics.median(loop for _, loop in times)
+        config = TrainConfig(**base, **term_options(name, args.size))
+        times = paired_times(config, env, args.size, steps, args.warmup, pairs)
+        over_bare[name] = [bare / loop for bare, loop, _ in times]
+        if any(augment for _, _, augment in times):
+            augment_over_bare[name] = [augment / bare for bare, _, augment in times]
+        bare_times += [bare for bare, _, _ in times]
+        results["loop"][name] = steps * args.batch / statistics.median(loop for _, loop, _ in times)
     results["bare_images_per_s"] = steps * args.batch / statistics.median(bare_times)
     how = f"{pairs} runs of {steps} steps" if args.workers else f"{pairs} alternating blocks of {steps} steps"
     print(f"{args.arch} at {args.size} px, batch {args.batch}, {results['device']}, {args.workers} loader worker(s); "
           f"medians of {how}")
     print(f"{'bare model step (in-memory batch)':40s} {results['bare_images_per_s']:8.1f} images/s")
-    for name, ratios in over_bare.items():
-        results.setdefault("over_bare", {})[name] = ratio = statistics.median(ratios)
-        if name == "erm":
-            results["erm_over_bare"] = ratio
-            spread = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratio] * 3
-            note = f"{ratio:.2f}x the bare step (pairs' quartiles {spread[0]:.2f}-{spread[2]:.2f})"
-        else:
-            erm = statistics.median(over_bare["erm"]) if "erm" in over_bare else None
-            note = f"{erm / ratio:.2f}x the ERM loop's time per image" if erm else ""
-        print(f"{'loop ' + name:40s} {results['loop'][name]:8.1f} images/s   {note}")
+    for name in over_bare:
+        print(f"{'loop ' + name:40s} {results['loop'][name]:8.1f} images/s   "
+              + "; ".join(row_notes(name, over_bare, augment_over_bare, results)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     sys.exit(0)
+
+
+def row_notes(name: str, over_bare: dict, augment_over_bare: dict, results: dict) -> list[str]:
+    """The row's figures against its references, each a ratio of medians of bare-normalised
+    times (bare / loop per pair), so that the machine's drift between rows cancels; also
+    recorded in `results`."""
+    ratio = statistics.median(over_bare[name])
+    results.setdefault("over_bare", {})[name] = ratio
+    if name == "erm":
+        results["erm_over_bare"] = ratio
+        ratios = over_bare[name]
+        spread = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratio] * 3
+        return [f"{ratio:.2f}x the bare step (pairs' quartiles {spread[0]:.2f}-{spread[2]:.2f})"]
+    notes = []
+    erm = statistics.median(over_bare["erm"]) if "erm" in over_bare else None
+    if erm:
+        notes.append(f"{erm / ratio:.2f}x the ERM loop's time per image")
+    baseline = BASELINES.get(name)
+    if baseline in over_bare and baseline != "erm":
+        results.setdefault("over_baseline", {})[name] = over = statistics.median(over_bare[baseline]) / ratio
+        notes.append(f"{over:.3f}x {baseline}'s")
+    if name in augment_over_bare and erm:
+        # The augmentation's seconds against the ERM loop's, both per bare-step second.
+        share = statistics.median(augment_over_bare[name]) * erm
+        results.setdefault("augment_share_of_erm", {})[name] = share
+        notes.append(f"augmentation alone {100 * share:.1f}% of the ERM loop's time")
+    return notes
 
 
 if __name__ == "__main__":
