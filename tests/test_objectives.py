@@ -159,7 +159,7 @@ def _tiny_model():
 
 def test_objective_terms_are_the_weighted_losses_of_one_forward_pass():
     batch, model = _batch(), _tiny_model()
-    config = TrainConfig(cf="tile", cf_coeff=0.5, reg="bbox_o", reg_coeff=3.0)
+    config = TrainConfig(cf="tile", cf_coeff=0.5, reg="bbox_o", reg_coeff=3.0, reg_measure="raw")
     terms, logits = Objective(config)(model, batch)
     assert set(terms) == {"ce", "cf", "sal"}
     from cfrobust.trainer.pixels import normalize

@@ -43,6 +43,7 @@ OFFICIAL_WATERBIRDS = {
     "color_jitter": "",  # data/waterbirds_datasets.py:109 ColorJitter() with no ranges
     "eval_size": 224,  # lightning/waterbird.py:81 -> data/imagenet_datasets.py:188, 191 Resize((224, 224))
     "object_region": "mask",  # data/waterbirds_datasets.py:71-76 sample['masks'] = segmentation
+    "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
 }
 OFFICIAL_IN9 = {
     "arch": "bit-s-r50x1",  # lightning/in9.py:155 --arch default 'BiT-S-R50x1'
@@ -65,6 +66,7 @@ OFFICIAL_IN9 = {
     "color_jitter": "",  # data/in9_datasets.py:151 ColorJitter() with no ranges
     "eval_size": 224,  # lightning/in9.py:122 -> data/imagenet_datasets.py:188, 191 Resize((224, 224))
     "object_region": "mask",  # lightning/in9.py:153 --mask default 'seg'; data/in9_datasets.py:51-61
+    "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
 }
 OFFICIAL_IN9L = {
     **OFFICIAL_IN9,  # lightning/in9.py:198 class IN9LLightningModel(IN9LightningModel)
@@ -92,6 +94,7 @@ OFFICIAL_CCT = {
     "color_jitter": "",  # data/cct_datasets.py:144 ColorJitter() with no ranges
     "eval_size": 224,  # data/cct_datasets.py:152, 154 Resize((224, 224))
     "object_region": "box",  # data/cct_datasets.py:103-120 boxes only
+    "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
 }
 
 
@@ -113,7 +116,7 @@ def test_preset_values_have_the_type_of_their_option():
 
 def test_select_by_choices_are_the_selection_figures():
     (option,) = [f for f in fields(TrainConfig) if f.name == "select_by"]
-    assert tuple(SELECTION_FIGURES) == option.metadata["choices"]
+    assert option.metadata["choices"] == ("auto", *SELECTION_FIGURES)  # auto resolves to one of them
 
 
 def plateau_rates(losses, **options) -> list[float]:
@@ -190,7 +193,8 @@ def test_select_by_auroc_falls_back_to_accuracy_where_auroc_is_undefined(monkeyp
     assert json.loads(json.dumps(records[0]))["val"]["auroc"] is None  # written as null
 
 
-@pytest.mark.parametrize("options, size", [(dict(batch=16), 32), (dict(batch=16, eval_batch=256), 256)])
+@pytest.mark.parametrize("options, size", [(dict(batch=16, select_by="accuracy"), 32),
+                                           (dict(batch=16, eval_batch=256, select_by="accuracy"), 256)])
 def test_validation_batch_is_eval_batch_else_twice_the_batch(monkeypatch, options, size):
     *_, batch_sizes = run_scripted_epochs(monkeypatch, EPOCH_FIGURES[:1], **options)
     assert batch_sizes == [size]
@@ -242,7 +246,7 @@ def test_select_by_worst_group_is_refused_without_groups_to_compare(tiny_shards,
 @pytest.mark.parametrize("option, value, message", [
     ("plateau_patience", -1, "--plateau-patience -1: must be 0 (decay after every epoch without progress) or more epochs"),
     ("eval_batch", -2, "--eval-batch -2: must be 0 (twice --batch) or more images"),
-    ("select_by", "loss", "--select-by loss: choose one of accuracy, auroc, worst_group"),
+    ("select_by", "loss", "--select-by loss: choose one of auto, accuracy, auroc, worst_group"),
 ])
 def test_bad_selection_and_schedule_options_are_refused_in_one_line(tiny_shards, tmp_path, option, value, message):
     with pytest.raises(UserError) as caught:

@@ -73,7 +73,7 @@ def test_saliency_term_is_zero_without_boxes_and_positive_with(tiny_shards, tmp_
 
 
 def test_best_checkpoint_follows_validation_accuracy(tiny_shards, tmp_path):
-    train(tiny_config(tiny_shards, tmp_path / "run", epochs=3))
+    train(tiny_config(tiny_shards, tmp_path / "run", epochs=3, select_by="accuracy"))
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     accuracies = [r["val"]["accuracy"] for r in records]
@@ -166,7 +166,10 @@ def test_two_processes_and_one_with_the_same_global_batch_reach_the_same_weights
     samples keep their boxes (--box-fraction), so that the ranks hold different numbers."""
     worker = Path(__file__).with_name("ddp_equivalence_worker.py")
     runs = [dict(reg_grad="grad_y"), dict(reg_grad="deeplift"), dict(reg_grad="grad_cam"), dict(reg_grad="grad_y", box_fraction=0.3)]
-    common = dict(shards=str(tiny_shards), out="", arch="simple-cnn", batch=8, lr=0.1, cf="tile", reg="bbox_o", reg_coeff=10.0)
+    # The raw penalty: the share divides by each image's gradient energy, which magnifies float
+    # rounding between the two reductions past the tolerance for deeplift's near-zero maps.
+    common = dict(shards=str(tiny_shards), out="", arch="simple-cnn", batch=8, lr=0.1, cf="tile", reg="bbox_o", reg_coeff=10.0,
+                  reg_measure="raw")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = json.dumps([TrainConfig(**common, **run).to_dict() for run in runs])
     one = json.dumps([TrainConfig(**{**common, "batch": 16, "batch_split": 2}, **run).to_dict() for run in runs])

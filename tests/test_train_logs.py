@@ -72,7 +72,7 @@ def test_metrics_jsonl_holds_each_epochs_terms_lr_speed_and_val_figures(logged_r
         assert record["images_per_s"] > 0 and record["seconds"] > 0
         assert set(record["val"]) == {"split", "accuracy", "loss", "worst_group_accuracy", "mean_group_accuracy", "auroc",
                                       "selected_by"}
-        assert record["val"]["selected_by"] == "accuracy"
+        assert record["val"]["selected_by"] == "worst_group_accuracy"  # auto: the built-in groups carry the place
     # cosine schedule from 0.05 to 0 over 6 steps, read after each epoch's last step
     assert records[0]["lr"] == pytest.approx(0.025) and records[1]["lr"] == pytest.approx(0.0, abs=1e-12)
 

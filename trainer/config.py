@@ -15,6 +15,8 @@ FACTUAL_MODES = ("none", "random", "shuffle", "mrand", "fgsm", "pgd")
 REGULARIZERS = ("none", "bbox_o", "bbox_f1", "gs")
 NORMALIZATIONS = ("imagenet", "bit")
 OBJECT_REGIONS = ("mask", "box")
+REG_MEASURES = ("share", "raw")
+SELECT_BY = ("auto", "accuracy", "auroc", "worst_group")
 REG_GRADS = ("grad_y", "grad_sum", "grad_logp_y", "grad_logp_sum", "deeplift", "grad_cam")
 
 
@@ -45,6 +47,7 @@ _WATERBIRDS = dict(
     color_jitter="",  # data/waterbirds_datasets.py:109 (ColorJitter() without ranges: the identity)
     eval_size=224,  # lightning/waterbird.py:81 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
     object_region="mask",  # data/waterbirds_datasets.py:71-76 (the segmentation mask is the object)
+    reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
 )
 _IN9 = dict(
     arch="bit-s-r50x1",  # lightning/in9.py:155
@@ -67,6 +70,7 @@ _IN9 = dict(
     color_jitter="",  # data/in9_datasets.py:151 (ColorJitter() without ranges: the identity)
     eval_size=224,  # lightning/in9.py:122 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
     object_region="mask",  # lightning/in9.py:153 (--mask seg), data/in9_datasets.py:51-61 (mask from no_fg)
+    reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
 )
 PRESETS = {
     "waterbirds": _WATERBIRDS,
@@ -98,6 +102,7 @@ PRESETS = {
         color_jitter="",  # data/cct_datasets.py:144 (ColorJitter() without ranges: the identity)
         eval_size=224,  # data/cct_datasets.py:152, 154 (Resize 224 x 224)
         object_region="box",  # data/cct_datasets.py:103-120 (boxes only; CCT has no masks)
+        reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
     ),
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
@@ -117,11 +122,11 @@ class TrainConfig:
     arch: str = option("resnet50", "Model architecture.", ARCHS)
     pretrained: str = option("", "Initial weights: '' (random), 'torchvision', a state-dict .pt file, or a BiT .npz file.")
     preset: str = option("none", "The paper's hyperparameters for a dataset; explicit options override it.", PRESET_NAMES)
-    epochs: int = option(10, "Training epochs.")
+    epochs: int = option(15, "Training epochs.")
     batch: int = option(64, "Batch size per process (global batch = batch x processes).")
     batch_split: int = option(1, "Split each batch into this many chunks (gradient accumulation, one all-reduce).")
     optimizer: str = option("sgd", "Optimizer.", ("sgd", "adam", "rmsprop"))
-    lr: float = option(0.01, "Peak learning rate (for the global batch; not rescaled with processes).")
+    lr: float = option(0.05, "Peak learning rate (for the global batch; not rescaled with processes).")
     momentum: float = option(0.9, "SGD/RMSprop momentum.")
     weight_decay: float = option(1e-4, "Weight decay.")
     scheduler: str = option("cosine", "cosine (per step, to 0), step (x gamma at --milestones epochs), plateau (val loss), none.", ("cosine", "step", "plateau", "none"))
@@ -132,10 +137,11 @@ class TrainConfig:
     )
     plateau_patience: int = option(5, "plateau scheduler: epochs without a better validation loss before the rate decays.")
     select_by: str = option(
-        "accuracy",
-        "Which validation figure picks best.pt: accuracy, auroc, or worst_group (worst-group accuracy; "
-        "needs a validation split with groups).",
-        ("accuracy", "auroc", "worst_group"),
+        "auto",
+        "Which validation figure picks best.pt: accuracy, auroc, worst_group (worst-group accuracy), or auto = "
+        "worst_group when the validation split's groups carry more than the class (Waterbirds' places, the "
+        "built-in data), else accuracy.",
+        SELECT_BY,
     )
     eval_batch: int = option(0, "Images per evaluation batch (validation and the final eval; 0: twice --batch).")
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), 32, bf16, or 16 (fp16 with a grad scaler).", ("auto", "32", "bf16", "16"))
@@ -190,12 +196,24 @@ class TrainConfig:
     reg: str = option(
         "none", "Saliency penalty: bbox_o = gradients outside the boxes; bbox_f1, gs as the official code.", REGULARIZERS
     )
+    reg_measure: str = option(
+        "share",
+        "bbox_o's size: share = the saliency energy outside the object as a share of all of it, per image (one "
+        "--reg-coeff fits any resolution, normalisation and architecture); raw = the mean of the squared input "
+        "gradient outside the object (the official code's; its useful weight varies by orders of magnitude).",
+        REG_MEASURES,
+    )
     reg_grad: str = option("grad_y", "Saliency score differentiated w.r.t. the input.", REG_GRADS)
     reg_coeff: float = option(1.0, "Weight lambda of the saliency penalty.")
     reg_anneal: int = option(0, "Epochs over which lambda ramps linearly from 0 to --reg-coeff (0: none).")
     mixup: float = option(0.0, "Baseline: mixup with Beta(alpha, alpha) (0: off).")
     label_smoothing: float = option(0.0, "Baseline: label smoothing epsilon, in [0, 1).")
     gridmask: bool = option(False, "Baseline: GridMask augmentation.")
+    balance_groups: bool = option(
+        False,
+        "Reference: weight each training image's CE by 1 / its group's share of the training split (the "
+        "group-balanced ERM that knows every image's group; groups from the shards).",
+    )
     data_ratio: float = option(1.0, "Train on this fixed, seeded fraction (0, 1] of the training split.")
     box_fraction: float = option(1.0, "Keep boxes for this seeded fraction [0, 1] of training images; the rest train as ERM.")
     bbox_noise: float = option(0.0, "Shift each training box by this fraction [0, 1] of its largest possible offset (seeded).")
@@ -238,5 +256,6 @@ class TrainConfig:
         if self.f != "none":
             parts.append(f"F({self.f})")
         if self.reg != "none":
-            parts.append(f"Sal({self.reg}, {self.reg_grad}, λ={self.reg_coeff:g})")
+            raw = " raw" if self.reg == "bbox_o" and self.reg_measure == "raw" else ""
+            parts.append(f"Sal({self.reg}{raw}, {self.reg_grad}, λ={self.reg_coeff:g})")
         return " + ".join(parts) or "ERM"

@@ -22,18 +22,27 @@ from cfrobust.trainer.counterfactual import CF_LOSSES, class_logits
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.pixels import box_masks, normalize
-from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient
+from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient, outside_share_penalty
 
 ATTRIBUTIONS = {"deeplift": deeplift, "grad_cam": grad_cam}
 
 
+def regularizer(config: TrainConfig):
+    """The saliency penalty of --reg, bbox_o measured as --reg-measure says (None: no penalty)."""
+    if config.reg == "bbox_o" and config.reg_measure == "share":
+        return outside_share_penalty
+    return REGULARIZERS[config.reg] if config.reg != "none" else None
+
+
 class Objective:
-    def __init__(self, config: TrainConfig, generator: torch.Generator | None = None):
+    def __init__(self, config: TrainConfig, generator: torch.Generator | None = None,
+                 group_weights: dict[str, float] | None = None):
         self.config = config
         self.generator = generator
+        self.group_weights = group_weights  # --balance-groups: CE weight of an image by its group
         self.cf_loss = CF_LOSSES[config.cf_loss] if config.cf != "none" else None
         self.factual = FACTUAL_MODES[config.f] if config.f != "none" else None
-        self.regularizer = REGULARIZERS[config.reg] if config.reg != "none" else None
+        self.regularizer = regularizer(config)
         self.score = SALIENCY_SCORES.get(config.reg_grad)
         self.attribution = ATTRIBUTIONS.get(config.reg_grad)
         if config.reg == "gs" and config.cf == "none":
@@ -69,7 +78,7 @@ class Objective:
             inputs = gridmask(inputs, self.generator)
         logits = dict(zip(rows, model(inputs).split([len(r) for r in rows.values()])))
 
-        terms = {"ce": self._cross_entropy(logits, y, has_box, mixed)}
+        terms = {"ce": self._cross_entropy(logits, y, has_box, mixed, batch.groups)}
         if self.cf_loss is not None:
             terms["cf"] = config.cf_coeff * self._mean_or_zero(self.cf_loss, logits["cf"], y[has_box])
         if self.regularizer is not None:
@@ -112,11 +121,16 @@ class Objective:
             rows["cf"] = self._counterfactuals(clean, holes, has_box, batch)
         return rows
 
-    def _cross_entropy(self, logits, y, has_box, mixed) -> torch.Tensor:
+    def _weights_of(self, groups: list[str], device) -> torch.Tensor:
+        return torch.tensor([self.group_weights.get(g, 1.0) for g in groups], device=device)
+
+    def _cross_entropy(self, logits, y, has_box, mixed, batch_groups) -> torch.Tensor:
         """Mean CE over the rows of x (mixup's mixed CE under mixup) and of x_f, label-smoothed."""
         smoothing = self.config.label_smoothing
         if mixed is None:
             losses = [F.cross_entropy(logits["x"], y, label_smoothing=smoothing, reduction="none")]
+            if self.group_weights is not None:
+                losses[0] = losses[0] * self._weights_of(batch_groups, y.device)
         else:
             _, y_partner, lam = mixed
             losses = [mixup_cross_entropy(logits["x"], y, y_partner, lam, smoothing)]

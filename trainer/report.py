@@ -29,7 +29,7 @@ EVAL_SCHEMA = "cfrobust.eval/1"
 # Config fields that do not change what a run computes (or that tell seeds apart): never row keys.
 NOT_GROUPED = ("seed", "out", "shards", "device", "workers", "resume", "overwrite", "save_every", "quiet", "tensorboard", "preset")
 # Fields that TrainConfig.describe() already spells out in the `method` column.
-DESCRIBED = ("cf", "cf_loss", "cf_coeff", "f", "reg", "reg_grad", "reg_coeff")
+DESCRIBED = ("cf", "cf_loss", "cf_coeff", "f", "reg", "reg_measure", "reg_grad", "reg_coeff")
 
 # Per dataset: (column name, metric specs tried in order). The paper's headline figures.
 HEADLINE_COLUMNS = {

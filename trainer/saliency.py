@@ -55,6 +55,20 @@ def outside_box_penalty(grads: torch.Tensor, holes: torch.Tensor, has_box: torch
     return (grads * outside).square().sum() / elements
 
 
+def outside_share_penalty(grads: torch.Tensor, holes: torch.Tensor, has_box: torch.Tensor, **_) -> torch.Tensor:
+    """bbox_o as a share: per boxed sample, the saliency energy outside the object over its whole
+    energy, sum((g * (1 - m))^2) / sum(g^2), averaged over the boxed samples (0 if none do).
+
+    A share in [0, 1] does not change when g is scaled, so one weight means the same at any
+    resolution, normalisation, architecture or stage of training, where the raw mean of g^2 spans
+    orders of magnitude. An all-zero map counts as 0."""
+    energy = grads.square()
+    outside = (energy * (~holes).to(energy.dtype)).flatten(1).sum(dim=1)
+    total = energy.flatten(1).sum(dim=1)
+    share = outside / total.clamp(min=torch.finfo(energy.dtype).tiny)
+    return (share * has_box.to(share.dtype)).sum() / has_box.sum().clamp(min=1)
+
+
 def bbox_f1_penalty(grads: torch.Tensor, holes: torch.Tensor, has_box: torch.Tensor, **_) -> torch.Tensor:
     """bbox_f1: 1 - soft F1 between the saliency map and the box mask, as the official code.
 

@@ -31,7 +31,7 @@ from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.augment import Augmentation
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
-from cfrobust.trainer.config import RUN_FILES, TrainConfig
+from cfrobust.trainer.config import RUN_FILES, SELECT_BY, TrainConfig
 from cfrobust.trainer.counterfactual import output_size
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
@@ -128,7 +128,8 @@ def build_training(config: TrainConfig, info: dict, env: DistEnv) -> tuple[torch
     optimizer = make_optimizer(model, config)
     # Augmentation randomness differs per rank (each sees other images) but is seeded.
     generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
-    parts = TrainingParts(ddp_model, Objective(config, generator), optimizer, Schedule(optimizer, config, len(data)),
+    objective = Objective(config, generator, balanced_group_weights(info) if config.balance_groups else None)
+    parts = TrainingParts(ddp_model, objective, optimizer, Schedule(optimizer, config, len(data)),
                           Precision(config.precision, env.device), generator, env, config, Augmentation.from_config(config))
     return model, data, parts
 
@@ -141,7 +142,7 @@ def close_epoch(model, parts: "TrainingParts", state: RunState, record: dict, se
     if select_on:
         val = evaluate_splits(model, config.shards, [select_on], parts.env, config.eval_batch or 2 * config.batch,
                               num_classes=num_classes, image_size=config.eval_side())
-        record["val"] = validation_record(val[select_on], select_on, config.select_by)
+        record["val"] = validation_record(val[select_on], select_on, resolved_selection(config, select_on))
     parts.schedule.after_epoch(record["val"]["loss"] if select_on else None)
     score = record["val"][record["val"]["selected_by"]] if select_on else epoch  # without val: the last epoch
     improved = score > state.best_score  # a tie keeps the earlier epoch
@@ -185,6 +186,13 @@ class TrainingParts:
     env: DistEnv
     config: TrainConfig
     augmentation: Augmentation = field(default_factory=Augmentation)  # none unless configured
+
+
+def balanced_group_weights(info: dict) -> dict[str, float]:
+    """Per training group, N / (G n_g): every group weighs the same in all, and an image 1 on average."""
+    counts = {g: n for g, n in info.get("group_counts", {}).items() if n > 0}
+    total = sum(counts.values())
+    return {g: total / (len(counts) * n) for g, n in counts.items()}
 
 
 def reads_masks(config: TrainConfig) -> bool:
@@ -320,6 +328,18 @@ def selection_split(splits: list[str]) -> str | None:
     return next((s for s in splits if s.endswith("val")), None)
 
 
+def resolved_selection(config: TrainConfig, select_on: str | None) -> str:
+    """--select-by auto: worst_group when the selection split's groups say more than its classes
+    (a spurious attribute such as the place, as in Waterbirds), else accuracy."""
+    if config.select_by != "auto":
+        return config.select_by
+    if select_on is None:
+        return "accuracy"
+    info = read_info(Path(config.shards) / select_on)
+    groups = set(info.get("groups", []))
+    return "worst_group" if len(groups) >= 2 and groups - set(info.get("classes", [])) else "accuracy"
+
+
 def check_worst_group_selection(shards: str) -> None:
     """--select-by worst_group needs a selection split of two or more groups (its manifest lists
     the groups it holds): with one group, worst-group accuracy is plain accuracy."""
@@ -388,6 +408,10 @@ def check_config(config: TrainConfig, info: dict) -> None:
     if config.batch_split > config.batch:
         raise UserError(f"--batch-split {config.batch_split} cuts a batch of {config.batch} into more chunks than images")
     check_augmentation(config, info)
+    if config.balance_groups and len(info.get("group_counts", {})) < 2:
+        raise UserError(f"--balance-groups: {config.shards}/train records fewer than 2 groups to balance")
+    if config.balance_groups and config.mixup > 0:
+        raise UserError("--balance-groups weighs each image's own CE; mixup mixes two images: choose one")
     if config.precision == "16" and config.reg != "none":
         raise UserError("--precision 16 with --reg: the saliency map's gradients are not loss-scaled and can "
                         "underflow to 0 in fp16; use --precision bf16 or 32")
@@ -420,7 +444,7 @@ OPTION_RULES = [
     ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
     ("gamma", lambda v: v > 0, "a decay factor must be positive"),
     ("plateau_patience", lambda v: v >= 0, "must be 0 (decay after every epoch without progress) or more epochs"),
-    ("select_by", lambda v: v in SELECTION_FIGURES, f"choose one of {', '.join(SELECTION_FIGURES)}"),
+    ("select_by", lambda v: v in SELECT_BY, f"choose one of {', '.join(SELECT_BY)}"),
     ("eval_batch", lambda v: v >= 0, "must be 0 (twice --batch) or more images"),
     ("clip_grad", lambda v: v >= 0, "a gradient norm cannot be negative (0 turns clipping off)"),
     ("cf_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),

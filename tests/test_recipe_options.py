@@ -1,0 +1,90 @@
+"""Options of the robust-by-default recipe: bbox_o measured as a share of the saliency energy, and
+the group-balanced ERM reference (--balance-groups)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cfrobust.shards.reader import Batch
+from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.objective import Objective, regularizer
+from cfrobust.trainer.saliency import input_gradient, outside_box_penalty, outside_share_penalty, target_logit
+from cfrobust.trainer.train import balanced_group_weights
+
+
+def test_share_is_the_energy_outside_over_all_of_it_averaged_over_boxed_samples():
+    grads = torch.zeros(3, 3, 4, 4)
+    region = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
+    region[:, :, 1:3, 1:3] = True
+    grads[0, 0, 1, 1], grads[0, 1, 0, 0], grads[0, 2, 3, 2] = 5.0, 2.0, 1.0  # 25 inside, 4 + 1 outside
+    grads[1, 0, 0, 0] = 3.0  # all outside: share 1
+    grads[2, 0, 0, 0] = 7.0  # no box: not counted
+    penalty = outside_share_penalty(grads, region, torch.tensor([True, True, False]))
+    assert penalty.item() == pytest.approx((5 / 30 + 1.0) / 2)
+    assert outside_share_penalty(torch.zeros(1, 3, 4, 4), region[:1], torch.tensor([True])).item() == 0.0
+
+
+def test_share_does_not_change_with_the_input_scale_or_the_image_size_where_raw_does():
+    torch.manual_seed(0)
+    weight = torch.randn(1, 3, 8, 8)
+    region = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    region[..., 2:6, 3:7] = True
+    has_box = torch.tensor([True])
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    base = input_gradient((x * weight).sum(dim=(1, 2, 3))[:, None], x, torch.tensor([0]), target_logit)
+    # The same model on inputs scaled by 4 (another normalisation's std): its gradient is 1/4.
+    scaled = (4 * x.detach()).requires_grad_(True)
+    by_scale = input_gradient((scaled / 4 * weight).sum(dim=(1, 2, 3))[:, None], scaled, torch.tensor([0]), target_logit)
+    # The same model on the image at twice the side (it averages 2x2 pixels first): gradient / 4 per pixel.
+    big = F.interpolate(x.detach(), scale_factor=2, mode="nearest").requires_grad_(True)
+    by_size = input_gradient((F.avg_pool2d(big, 2) * weight).sum(dim=(1, 2, 3))[:, None], big, torch.tensor([0]), target_logit)
+    big_region = F.interpolate(region.float(), scale_factor=2, mode="nearest").bool()
+    share = outside_share_penalty(base, region, has_box).item()
+    assert 0 < share < 1
+    assert outside_share_penalty(by_scale, region, has_box).item() == pytest.approx(share, rel=1e-5)
+    assert outside_share_penalty(by_size, big_region, has_box).item() == pytest.approx(share, rel=1e-5)
+    raw = outside_box_penalty(base, region, has_box).item()
+    assert outside_box_penalty(by_scale, region, has_box).item() == pytest.approx(raw / 16, rel=1e-5)
+    assert outside_box_penalty(by_size, big_region, has_box).item() == pytest.approx(raw / 16, rel=1e-5)
+
+
+def test_reg_measure_picks_the_penalty_of_bbox_o_only():
+    assert regularizer(TrainConfig(reg="bbox_o")) is outside_share_penalty  # the default
+    assert regularizer(TrainConfig(reg="bbox_o", reg_measure="raw")) is outside_box_penalty
+    assert regularizer(TrainConfig(reg="bbox_f1")).__name__ == "bbox_f1_penalty"
+    assert regularizer(TrainConfig()) is None
+
+
+def test_balanced_group_weights_give_every_group_the_same_total():
+    weights = balanced_group_weights({"group_counts": {"a/x": 90, "a/y": 10, "b/x": 0}})
+    assert weights == pytest.approx({"a/x": 100 / 180, "a/y": 5.0})
+    assert 90 * weights["a/x"] == pytest.approx(10 * weights["a/y"])
+
+
+def test_balanced_ce_weighs_each_image_by_its_group():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    batch = Batch(images=torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8), labels=torch.tensor([0, 1, 1]),
+                  boxes=torch.zeros(3, 1, 4), box_valid=torch.zeros(3, 1, dtype=torch.bool), groups=["a", "b", "a"],
+                  keys=["0", "1", "2"])
+    weights = {"a": 0.5, "b": 3.0}
+    terms, logits = Objective(TrainConfig(balance_groups=True), group_weights=weights)(model, batch)
+    per_image = F.cross_entropy(logits, batch.labels, reduction="none")
+    assert terms["ce"].item() == pytest.approx(((0.5 * per_image[0] + 3.0 * per_image[1] + 0.5 * per_image[2]) / 3).item())
+
+
+def test_select_by_auto_is_worst_group_where_groups_carry_more_than_the_class(tiny_shards, tmp_path):
+    from cfrobust.trainer.train import resolved_selection
+
+    assert resolved_selection(TrainConfig(shards=str(tiny_shards)), "val") == "worst_group"  # disk/land, ...
+    assert resolved_selection(TrainConfig(shards=str(tiny_shards), select_by="auroc"), "val") == "auroc"
+    assert resolved_selection(TrainConfig(shards=str(tiny_shards)), None) == "accuracy"
+    classes_only = tmp_path / "val"
+    classes_only.mkdir()
+    info = json.loads((tiny_shards / "val" / "_info.json").read_text())
+    (classes_only / "_info.json").write_text(json.dumps({**info, "groups": info["classes"]}))
+    assert resolved_selection(TrainConfig(shards=str(tmp_path)), "val") == "accuracy"  # IN-9: groups are classes
