@@ -218,8 +218,15 @@ class CocoDataset(DatasetSource):
         return False
 
     def group_of(self, entry: ImageEntry, class_name: str) -> tuple[str, str]:
-        """(group, problem): the evaluation subgroup of an image."""
-        return class_name, ""
+        """(group, problem): the evaluation subgroup of an image: the image object's own "group"
+        field where it has one (a spurious attribute the user knows, e.g. "cat/indoor"), else
+        its class."""
+        group = entry.info.get("group")
+        if group is None:
+            return class_name, ""
+        if not isinstance(group, str) or not group:
+            return "", f"group {group!r} is not a non-empty string"
+        return group, ""
 
     def attrs_of(self, entry: ImageEntry) -> dict:
         return {"image_id": entry.image_id}

@@ -40,11 +40,13 @@ class Variant:
 
 
 TWO_CLASSES = (("round", ROUND), ("angular", ANGULAR))
+# Two shapes per class: with three, simple-cnn's twin (the ideal) stayed near chance on some seeds
+# after 15 epochs (worst group 0.04-0.64 at 30 epochs), the family's budget.
 FOUR_CLASSES = (
-    ("round", ("disk", "ellipse", "blob")),
-    ("polygon", ("square", "triangle", "diamond")),
-    ("spiky", ("star", "star6", "cross")),
-    ("hollow", ("ring", "frame", "delta")),
+    ("round", ("disk", "ellipse")),
+    ("polygon", ("square", "triangle")),
+    ("spiky", ("star", "cross")),
+    ("hollow", ("ring", "frame")),
 )
 
 VARIANTS = {

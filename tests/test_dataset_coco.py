@@ -203,3 +203,19 @@ def test_malformed_entries_become_reported_records(coco, tmp_path):
         ("no_image_id_annotations_0", "F: annotations[0]", "annotations[0] has no string or integer 'image_id'"),
         ("no_image_id_annotation_5", "F: annotation 5", "annotation 5 has no string or integer 'image_id'"),
     ]
+
+
+def test_an_images_own_group_field_is_its_group(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(tmp_path / "img" / name), np.zeros((8, 8, 3), np.uint8))
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8, "group": "cat/indoor"},
+                   {"id": 2, "file_name": "b.png", "width": 8, "height": 8},
+                   {"id": 3, "file_name": "c.png", "width": 8, "height": 8, "group": 7}],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in (1, 2, 3)],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    records = list(CocoDataset(tmp_path / "img", {"train": tmp_path / "train.json"}).records("train"))
+    assert [(r.group, r.problem) for r in records] == [("cat/indoor", ""), ("cat", ""), ("", "group 7 is not a non-empty string")]
