@@ -119,7 +119,7 @@ def test_the_default_rows_split_on_any_other_field_and_show_it(runs):
     (table,) = build_report([runs])["tables"]
     assert table["label_columns"] == ["method", "lr"]  # rows in the order of their first run's path
     assert [(r["label"]["method"], r["label"]["lr"], len(r["runs"])) for r in table["rows"]] == [
-        ("ERM", 0.5, 1), ("ERM", 0.05, 3), ("CF(tile, logp, 1) + F(mrand) + Sal(bbox_o, grad_y, λ=10)", 0.05, 1)
+        ("ERM", 0.5, 1), ("ERM", 0.02, 3), ("CF(tile, logp, 1) + F(mrand) + Sal(bbox_o, grad_y, λ=10)", 0.02, 1)
     ]
 
 

@@ -126,7 +126,7 @@ class TrainConfig:
     batch: int = option(64, "Batch size per process (global batch = batch x processes).")
     batch_split: int = option(1, "Split each batch into this many chunks (gradient accumulation, one all-reduce).")
     optimizer: str = option("sgd", "Optimizer.", ("sgd", "adam", "rmsprop"))
-    lr: float = option(0.05, "Peak learning rate (for the global batch; not rescaled with processes).")
+    lr: float = option(0.02, "Peak learning rate (for the global batch; not rescaled with processes).")
     momentum: float = option(0.9, "SGD/RMSprop momentum.")
     weight_decay: float = option(1e-4, "Weight decay.")
     scheduler: str = option("cosine", "cosine (per step, to 0), step (x gamma at --milestones epochs), plateau (val loss), none.", ("cosine", "step", "plateau", "none"))

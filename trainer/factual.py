@@ -30,9 +30,8 @@ def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None 
 def mrand(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """The object (by its region) on the real background of an image of another class in the
     batch, whose own object is tile-filled (its boxes' rectangles as the hole) so that its shape
-    does not come along; with a
-    single class in the batch there is no other background, and it stays 0 (official `mrand`:
-    FactualMixedRandomTileInpainter)."""
+    does not come along; with a single class in the batch there is no other background, and it
+    stays 0 (official `mrand`: FactualMixedRandomTileInpainter)."""
     if bool((labels == labels[0]).all()):
         return images.masked_fill(~holes, 0.0)
     partner = other_class_partner(labels, generator)
