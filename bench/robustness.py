@@ -10,12 +10,14 @@ twice per seed, correlated and as its twin (the same objects, backgrounds drawn 
 the label), into shards at 64 px; each run trains with the CLI's defaults except the options
 named in RUNS (and --set, for trying a change everywhere). The table gives mean ± std over the
 seeds of the test split's worst-group and mean accuracy, and writes them as JSON.
---quick: two members, one seed, ERM / recipe / ideal on smaller data (under 10 CPU minutes).
+Runs are cached under --out by their settings, so an interrupted bench continues where it stopped.
+--quick: two members, one seed, ERM / recipe / ideal (about 10 CPU minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -57,7 +59,9 @@ def make_shards(root: Path, member: str, seed: int, twin: bool, sizes) -> Path:
 
 def run_one(root: Path, member: str, seed: int, run: str, arch: str, sizes, extra: dict) -> dict:
     options, data = RUNS[run]
-    out = root / "runs" / member / f"{run}-seed{seed}"
+    settings = json.dumps([arch, list(sizes), sorted(extra.items())])
+    tag = hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()  # another --set trains anew
+    out = root / "runs" / member / f"{run}-seed{seed}-{tag}"
     if not (out / "eval.json").exists():
         shards = make_shards(root, member, seed, data == "twin", sizes)
         config = TrainConfig(shards=str(shards), out=str(out), arch=arch, seed=seed, workers=0, quiet=True,
@@ -72,6 +76,8 @@ def parse_sets(pairs: list[str]) -> dict:
     values = {}
     for pair in pairs:
         key, _, text = pair.partition("=")
+        if not hasattr(defaults, key):
+            raise SystemExit(f"--set {key}: not a train option (TrainConfig field)")
         kind = type(getattr(defaults, key))
         values[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
     return values

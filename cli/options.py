@@ -18,8 +18,8 @@ def dataclass_options(cls, required: tuple[str, ...] = ()):
             flag = "--" + field.name.replace("_", "-")
             meta = field.metadata
             default = None if field.default is MISSING else field.default
-            if isinstance(default, bool):
-                option = click.option(flag, field.name, is_flag=True, default=default, help=meta.get("help"))
+            if isinstance(default, bool):  # --x/--no-x: a preset's True can be turned off
+                option = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=default, help=meta.get("help"))
             else:
                 choices = meta.get("choices")
                 option = click.option(

@@ -25,3 +25,13 @@ def tiny_shards(tmp_path_factory):
     preprocess(dataset, folder / "shards", OFFLINE_FILLS, shard_size=16, progress=False,
                cagan=CaganSettings(folder / "cagan.pt", "cpu", 16))
     return folder / "shards"
+
+
+@pytest.fixture(autouse=True)
+def imagenet_normalization():
+    """Every test starts with the default normalisation, whatever an earlier in-process run set."""
+    from cfrobust.trainer.pixels import set_normalization
+
+    set_normalization("imagenet")
+    yield
+    set_normalization("imagenet")

@@ -140,3 +140,11 @@ def test_bad_option_text_is_one_line(text, count):
 def test_parse_floats_reads_the_numbers():
     assert parse_floats("0.4,0.4,0.4,0.1", "color-jitter", 4) == (0.4, 0.4, 0.4, 0.1)
     assert np.allclose(parse_floats("0.35,1", "crop-scale", 2), (0.35, 1.0))
+
+
+def test_a_hue_range_past_half_the_colour_circle_is_refused():
+    from cfrobust.trainer.augment import parse_jitter
+
+    assert parse_jitter("0.4,0.4,0.4,0.5") == (0.4, 0.4, 0.4, 0.5)
+    with pytest.raises(UserError, match=r"hue range \(4th number\) must lie in \[0, 0.5\]"):
+        parse_jitter("0.4,0.4,0.4,0.6")

@@ -246,7 +246,9 @@ def test_select_by_worst_group_is_refused_without_groups_to_compare(tiny_shards,
 @pytest.mark.parametrize("option, value, message", [
     ("plateau_patience", -1, "--plateau-patience -1: must be 0 (decay after every epoch without progress) or more epochs"),
     ("eval_batch", -2, "--eval-batch -2: must be 0 (twice --batch) or more images"),
-    ("select_by", "loss", "--select-by loss: choose one of auto, accuracy, auroc, worst_group"),
+    ("select_by", "loss", "--select-by 'loss': choose one of auto, accuracy, auroc, worst_group"),
+    ("reg_measure", "shares", "--reg-measure 'shares': choose one of share, raw"),
+    ("object_region", "boxes", "--object-region 'boxes': choose one of mask, box"),
 ])
 def test_bad_selection_and_schedule_options_are_refused_in_one_line(tiny_shards, tmp_path, option, value, message):
     with pytest.raises(UserError) as caught:

@@ -88,3 +88,26 @@ def test_select_by_auto_is_worst_group_where_groups_carry_more_than_the_class(ti
     info = json.loads((tiny_shards / "val" / "_info.json").read_text())
     (classes_only / "_info.json").write_text(json.dumps({**info, "groups": info["classes"]}))
     assert resolved_selection(TrainConfig(shards=str(tmp_path)), "val") == "accuracy"  # IN-9: groups are classes
+
+
+def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained():
+    from cfrobust.trainer.train import changed_options
+
+    old = {k: v for k, v in TrainConfig(reg="bbox_o").to_dict().items()
+           if k not in ("object_region", "reg_measure", "select_by")}
+    recorded = TrainConfig.from_dict(old)
+    assert (recorded.object_region, recorded.reg_measure, recorded.select_by) == ("box", "raw", "accuracy")
+    assert recorded.describe() == "Sal(bbox_o raw, grad_y, λ=1)"
+    assert changed_options(old, TrainConfig(reg="bbox_o")) == ["object_region", "reg_measure", "select_by"]
+    assert changed_options(old, recorded) == []
+
+
+def test_online_mean_fills_the_imagenet_mean_colour_under_either_normalisation():
+    from cfrobust.trainer.fills import online_mean, pixel_units
+    from cfrobust.trainer.pixels import using_normalization
+
+    holes = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    for name in ("imagenet", "bit"):
+        with using_normalization(name):
+            filled = pixel_units(online_mean(torch.zeros(1, 3, 2, 2), holes))
+        assert torch.allclose(filled[0, :, 0, 0], torch.tensor([0.485, 0.456, 0.406]), atol=1e-6)

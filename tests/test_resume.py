@@ -122,9 +122,10 @@ def test_preset_values_yield_to_explicit_options(tiny_shards, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(run), "--preset", "waterbirds",
                                       "--epochs", "1", "--batch", "16", "--arch", "simple-cnn", "--workers", "0",
-                                      "--crop", "24", "--eval-size", "32"])  # the shards hold 32-px images
+                                      "--crop", "24", "--eval-size", "32", "--no-hflip"])  # the shards hold 32-px images
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
+    assert config["hflip"] is False and config["object_region"] == "mask"  # --no-hflip beats the preset's flip
     assert (config["optimizer"], config["lr"], config["momentum"], config["weight_decay"]) == ("sgd", 8e-4, 0.9, 1e-4)
     assert (config["scheduler"], config["epochs"], config["batch"], config["clip_grad"]) == ("plateau", 1, 16, 1.0)
     assert (config["arch"], config["crop"], config["eval_size"], config["normalize"]) == ("simple-cnn", 24, 32, "bit")

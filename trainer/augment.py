@@ -40,7 +40,7 @@ class Augmentation:
     @classmethod
     def from_config(cls, config) -> "Augmentation":
         return cls(config.crop, parse_floats(config.crop_scale, "crop-scale", 2) if config.crop_scale else None,
-                   config.hflip, parse_floats(config.color_jitter, "color-jitter", 4) if config.color_jitter else None,
+                   config.hflip, parse_jitter(config.color_jitter) if config.color_jitter else None,
                    config.seed)
 
     @property
@@ -84,6 +84,13 @@ def parse_floats(text: str, option: str, count: int) -> tuple[float, ...]:
         values = ()
     if len(values) != count or any(not math.isfinite(v) or v < 0 for v in values):
         raise UserError(f"--{option} {text!r}: expected {count} comma-separated non-negative numbers")
+    return values
+
+
+def parse_jitter(text: str) -> tuple[float, ...]:
+    values = parse_floats(text, "color-jitter", 4)
+    if values[3] > 0.5:  # a hue shift of half the colour circle each way already reaches every hue
+        raise UserError(f"--color-jitter {text!r}: the hue range (4th number) must lie in [0, 0.5]")
     return values
 
 

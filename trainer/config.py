@@ -107,6 +107,10 @@ PRESETS = {
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
 
+# Options whose default differs from what runs did before the option existed: a config that
+# lacks them was made with these values (rectangles, the raw bbox_o, best.pt by accuracy).
+PREDATED = {"object_region": "box", "reg_measure": "raw", "select_by": "accuracy"}
+
 # What `cfrobust train` writes in its --out folder (all that --overwrite may replace there).
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "eval.json", "eval.json.tmp", "checkpoints", "tensorboard"}
 
@@ -212,7 +216,7 @@ class TrainConfig:
     balance_groups: bool = option(
         False,
         "Reference: weight each training image's CE by 1 / its group's share of the training split (the "
-        "group-balanced ERM that knows every image's group; groups from the shards).",
+        "group-balanced ERM that knows every image's group; groups from the shards; factual rows keep weight 1).",
     )
     data_ratio: float = option(1.0, "Train on this fixed, seeded fraction (0, 1] of the training split.")
     box_fraction: float = option(1.0, "Keep boxes for this seeded fraction [0, 1] of training images; the rest train as ERM.")
@@ -245,8 +249,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        """The config a run folder or checkpoint recorded; an option it predates takes the value
+        that runs had before the option existed (PREDATED), else its default."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{**PREDATED, **{k: v for k, v in data.items() if k in known}})
 
     def describe(self) -> str:
         """Short name of the method, e.g. `CF(tile, logp, 1) + F(mrand) + Sal(bbox_o, grad_y, λ=10)`."""

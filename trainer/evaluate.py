@@ -27,7 +27,7 @@ from cfrobust.trainer.metrics import anomaly_scores, mean_of_finite, ood_detecti
 from cfrobust.trainer.models import on_device
 from cfrobust.trainer.ood import check_noise_kinds, noise_scores
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.pixels import normalize, set_normalization
+from cfrobust.trainer.pixels import normalize, using_normalization
 
 EVAL_SCHEMA = "cfrobust.eval/1"
 PER_SAMPLE = ("logits", "anomaly", "labels", "focus")  # arrays predict() gathers, besides groups and keys
@@ -160,7 +160,6 @@ def evaluate_checkpoint(
     try:
         model, config, classes = load_classifier(checkpoint)
         run = TrainConfig.from_dict(config)
-        set_normalization(run.normalize)
         available = list_splits(shards)
         splits = splits or [s for s in available if s != "train"]
         if not splits:
@@ -171,11 +170,12 @@ def evaluate_checkpoint(
         check_classes(checkpoint, classes, shards, splits)
         num_classes = len(classes)
         on_device(model, env.device)
-        results = evaluate_splits(
-            model, shards, splits, env, batch_size, workers, num_classes,
-            ood=ood, ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,
-            image_size=run.eval_side(),
-        )
+        with using_normalization(run.normalize):
+            results = evaluate_splits(
+                model, shards, splits, env, batch_size, workers, num_classes,
+                ood=ood, ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,
+                image_size=run.eval_side(),
+            )
         document = eval_document(checkpoint, config, results, shards)
         if ood:
             document["ood_seed"] = ood_seed

@@ -11,15 +11,17 @@ from typing import Callable
 
 import torch
 
-from cfrobust.shards.schema import RANDOM_NOISE_STD
+from cfrobust.shards.schema import NORMALIZE_MEAN, RANDOM_NOISE_STD
 from cfrobust.trainer.pixels import mean_std, normalize, tiled_backgrounds
 
 OnlineFill = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 def online_mean(x: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """0 in the hole: the normalisation mean (offline rounds it to the nearest uint8 colour)."""
-    return x.masked_fill(holes, 0.0)
+    """The ImageNet mean colour in the hole, as the offline fill (which rounds it to the nearest
+    uint8 colour): 0 under the default normalisation, grey-ish under `bit`."""
+    colour = to_normalized(torch.tensor(NORMALIZE_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1))
+    return torch.where(holes, colour, x)
 
 
 def online_tile(x: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -6,6 +6,8 @@ band choice) but work on whole batches of normalised float images at once.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from cfrobust.shards.schema import NORMALIZATIONS
@@ -36,9 +38,20 @@ def set_normalization(name: str) -> None:
     _active = name
 
 
-def mean_std(device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """[1, 3, 1, 1] mean and std of the active normalisation."""
-    mean, std = NORMALIZATIONS[_active]
+@contextlib.contextmanager
+def using_normalization(name: str):
+    """`name` active inside the block, the previous one restored after it (train, eval, show)."""
+    previous = _active
+    set_normalization(name)
+    try:
+        yield
+    finally:
+        set_normalization(previous)
+
+
+def mean_std(device=None, dtype=torch.float32, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, 1, 1] mean and std of the normalisation `name` (default: the active one)."""
+    mean, std = NORMALIZATIONS[name or _active]
     return (torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1),
             torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1))
 
@@ -55,7 +68,7 @@ _NORMALIZE_CONSTANTS: dict = {}
 
 def _normalize_constants(name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     if (name, device) not in _NORMALIZE_CONSTANTS:
-        mean, std = mean_std(dtype=torch.float64)
+        mean, std = mean_std(dtype=torch.float64, name=name)
         _NORMALIZE_CONSTANTS[name, device] = ((1 / (255 * std)).float().to(device), (mean / std).float().to(device))
     return _NORMALIZE_CONSTANTS[name, device]
 

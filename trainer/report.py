@@ -27,7 +27,8 @@ from cfrobust.trainer.config import TrainConfig
 REPORT_SCHEMA = "cfrobust.report/1"
 EVAL_SCHEMA = "cfrobust.eval/1"
 # Config fields that do not change what a run computes (or that tell seeds apart): never row keys.
-NOT_GROUPED = ("seed", "out", "shards", "device", "workers", "resume", "overwrite", "save_every", "quiet", "tensorboard", "preset")
+NOT_GROUPED = ("seed", "out", "shards", "device", "workers", "resume", "overwrite", "save_every", "quiet", "tensorboard", "preset",
+               "eval_batch")
 # Fields that TrainConfig.describe() already spells out in the `method` column.
 DESCRIBED = ("cf", "cf_loss", "cf_coeff", "f", "reg", "reg_measure", "reg_grad", "reg_coeff")
 

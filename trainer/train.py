@@ -18,7 +18,7 @@ import copy
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
 from cfrobust.trainer.augment import Augmentation
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
-from cfrobust.trainer.config import RUN_FILES, SELECT_BY, TrainConfig
+from cfrobust.trainer.config import PREDATED, RUN_FILES, TrainConfig
 from cfrobust.trainer.counterfactual import output_size
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
@@ -39,7 +39,7 @@ from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.models import build_model, on_device
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
-from cfrobust.trainer.pixels import set_normalization
+from cfrobust.trainer.pixels import set_normalization, using_normalization
 from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
 
 
@@ -47,7 +47,8 @@ def train(config: TrainConfig) -> dict:
     """Run the whole job; returns the eval document (identical on every rank)."""
     env = setup_distributed(config.device)
     try:
-        document, _model = train_in(env, config)
+        with using_normalization(config.normalize):
+            document, _model = train_in(env, config)
         return document
     finally:
         teardown_distributed()
@@ -68,7 +69,7 @@ class RunState:
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
-    set_normalization(config.normalize)
+    set_normalization(config.normalize)  # train() restores the caller's afterwards
     if config.precision == "16" and env.device.type != "cuda":
         raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
     out = Path(config.out)
@@ -398,6 +399,11 @@ def check_config(config: TrainConfig, info: dict) -> None:
             f"{config.shards}/train: the shards carry no {config.cf!r} counterfactual (they have: {have}); "
             f"re-run `cfrobust preprocess --cf {config.cf}`"
         )
+    for field_ in fields(TrainConfig):  # click checks choices on the command line; Python callers too
+        choices = field_.metadata.get("choices")
+        if choices and getattr(config, field_.name) not in choices:
+            raise UserError(f"--{field_.name.replace('_', '-')} {getattr(config, field_.name)!r}: "
+                            f"choose one of {', '.join(choices)}")
     for name, ok, rule in OPTION_RULES:
         value = getattr(config, name)
         if not ok(value):
@@ -408,7 +414,7 @@ def check_config(config: TrainConfig, info: dict) -> None:
     if config.batch_split > config.batch:
         raise UserError(f"--batch-split {config.batch_split} cuts a batch of {config.batch} into more chunks than images")
     check_augmentation(config, info)
-    if config.balance_groups and len(info.get("group_counts", {})) < 2:
+    if config.balance_groups and len(balanced_group_weights(info)) < 2:
         raise UserError(f"--balance-groups: {config.shards}/train records fewer than 2 groups to balance")
     if config.balance_groups and config.mixup > 0:
         raise UserError("--balance-groups weighs each image's own CE; mixup mixes two images: choose one")
@@ -444,7 +450,6 @@ OPTION_RULES = [
     ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
     ("gamma", lambda v: v > 0, "a decay factor must be positive"),
     ("plateau_patience", lambda v: v >= 0, "must be 0 (decay after every epoch without progress) or more epochs"),
-    ("select_by", lambda v: v in SELECT_BY, f"choose one of {', '.join(SELECT_BY)}"),
     ("eval_batch", lambda v: v >= 0, "must be 0 (twice --batch) or more images"),
     ("clip_grad", lambda v: v >= 0, "a gradient norm cannot be negative (0 turns clipping off)"),
     ("cf_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
@@ -556,9 +561,9 @@ def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
 
 def changed_options(saved: dict, config: TrainConfig) -> list[str]:
     """The options, beyond RESUMABLE, whose value differs from the checkpoint's. An option that
-    a checkpoint predates counts as saved with its default (a run made before --clip-grad
-    existed did not clip, so a preset that clips now is a change)."""
-    now, defaults = config.to_dict(), TrainConfig().to_dict()
+    a checkpoint predates counts as saved with its default, or with what runs did before it
+    existed where that differs (PREDATED: a run made before --object-region used rectangles)."""
+    now, defaults = config.to_dict(), {**TrainConfig().to_dict(), **PREDATED}
     return sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE and now.get(k) != saved.get(k, defaults.get(k)))
 
 

@@ -21,16 +21,16 @@ from cfrobust.distributed import choose_device
 from cfrobust.errors import UserError
 from cfrobust.shards.manifest import list_splits
 from cfrobust.shards.reader import Batch, collate, decode_sample, split_info
-from cfrobust.shards.schema import MASK_EXT, decode_gray
 from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.trainer.attributions import grad_cam
 from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import class_logits
+from cfrobust.trainer.evaluate import model_inputs
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import pixel_units
 from cfrobust.trainer.models import on_device
-from cfrobust.trainer.pixels import box_masks, normalize, set_normalization
+from cfrobust.trainer.pixels import box_masks, normalize, using_normalization
 from cfrobust.trainer.saliency import input_gradient, target_logit
 
 MIN_TILE = 96  # smaller stored images are enlarged by a whole factor so the picture stays legible
@@ -85,7 +85,13 @@ def render_grid(
     torch_device = choose_device(device, 0)
     samples, info, notes = choose_samples(shards, split, count, seed)
     shown = load_model(checkpoint, info["classes"], torch_device) if checkpoint else None
-    set_normalization(shown.config.normalize if shown else "imagenet")
+    with using_normalization(shown.config.normalize if shown else "imagenet"):  # the run's, for its model
+        columns, shape = grid_columns(samples, info, modes, seed, shown, torch_device, notes)
+    return Grid(assemble(columns, shape), list(columns), [s["key"] for s in samples], shape, notes)
+
+
+def grid_columns(samples, info, modes, seed, shown, torch_device, notes) -> tuple[dict, tuple[int, int]]:
+    """Column title -> one tile per sample, and the tiles' shape."""
     # The factual columns keep the object region training used: the mask unless the run said box.
     by_mask = shown is None or shown.config.object_region == "mask"
     batch = collate(samples, masks=by_mask).to(torch_device)
@@ -103,7 +109,7 @@ def render_grid(
     if shown is not None:
         for title, heats in zip(SALIENCY_TITLES, saliency_maps(shown, batch)):
             columns[title] = [heat_tile(s["image"], heat, shape) for s, heat in zip(samples, heats)]
-    return Grid(assemble(columns, shape), list(columns), [s["key"] for s in samples], shape, notes)
+    return columns, shape
 
 
 def write_png(path, image: np.ndarray) -> Path:
@@ -151,20 +157,10 @@ def read_samples_at(split_dir: Path, info: dict, indices: set[int]) -> list[dict
             continue
         for position, raw in enumerate(iter_tar_samples(split_dir / shard["name"])):
             if position in mine:
-                samples.append(decode_with_mask(raw, info["cf_methods"]))
+                samples.append(decode_sample(raw, info["cf_methods"]))  # with its mask, if stored
             if position >= max(mine):
                 break
     return samples
-
-
-def decode_with_mask(raw: dict, cf_methods: list[str]) -> dict:
-    """The reader's decoded sample plus its foreground mask (bool HxW) when the shard stores one."""
-    try:
-        sample = decode_sample(raw, cf_methods)
-        sample["mask"] = decode_gray(raw[MASK_EXT]) > 0 if MASK_EXT in raw else None
-    except ValueError as exc:
-        raise UserError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}: {exc}") from None
-    return sample
 
 
 def check_modes(modes: list[str] | None, have_model: bool) -> list[str]:
@@ -193,7 +189,8 @@ def load_model(checkpoint, shard_classes: list[str], device: torch.device) -> Sh
 def predict(shown: ShownModel, batch: Batch) -> tuple[list[str], list[float]]:
     """Predicted class name and its softmax probability per sample."""
     with torch.no_grad():
-        probs = class_logits(shown.model(normalize(batch.images)), shown.config.cf_loss).float().softmax(dim=1)
+        inputs = model_inputs(batch.images, shown.config.eval_side())  # as eval.json scored it
+        probs = class_logits(shown.model(inputs), shown.config.cf_loss).float().softmax(dim=1)
     confidence, predicted = probs.max(dim=1)
     return [shown.classes[i] for i in predicted.tolist()], confidence.tolist()
 
@@ -277,7 +274,7 @@ def boxes_tile(sample: dict, shape: tuple[int, int]) -> np.ndarray:
     """The image with the stored mask tinted green (when there is one) and the boxes outlined:
     training removes and keeps the box rectangles, not the mask."""
     tile = to_tile(sample["image"], shape).copy()
-    if sample["mask"] is not None:
+    if sample.get("mask") is not None:
         mask = to_tile(sample["mask"].astype(np.uint8), shape) > 0
         tile[mask] = (0.5 * tile[mask] + 0.5 * np.array(GREEN)).astype(np.uint8)
     height, width = sample["image"].shape[:2]
