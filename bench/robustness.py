@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cfrobust.openmp_spin import shorten_openmp_spin
@@ -59,14 +60,15 @@ def make_shards(root: Path, member: str, seed: int, twin: bool, sizes) -> Path:
 
 def run_one(root: Path, member: str, seed: int, run: str, arch: str, sizes, extra: dict) -> dict:
     options, data = RUNS[run]
-    settings = json.dumps([arch, list(sizes), sorted(extra.items())])
-    tag = hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()  # another --set trains anew
-    out = root / "runs" / member / f"{run}-seed{seed}-{tag}"
+    shards = root / "data" / f"{member}-seed{seed}-{'twin' if data == 'twin' else 'correlated'}-{'x'.join(map(str, sizes))}"
+    config = TrainConfig(shards=str(shards), arch=arch, seed=seed, workers=0, quiet=True, overwrite=True,
+                         **{**options, **extra})
+    # Cached by every setting of the run: a changed default or --set trains anew.
+    settings = json.dumps({k: v for k, v in config.to_dict().items() if k not in ("out", "shards")}, sort_keys=True)
+    out = root / "runs" / member / f"{run}-seed{seed}-{hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()}"
     if not (out / "eval.json").exists():
-        shards = make_shards(root, member, seed, data == "twin", sizes)
-        config = TrainConfig(shards=str(shards), out=str(out), arch=arch, seed=seed, workers=0, quiet=True,
-                             overwrite=True, **{**options, **extra})
-        train(config)
+        make_shards(root, member, seed, data == "twin", sizes)
+        train(replace(config, out=str(out)))
     return json.loads((out / "eval.json").read_text())["splits"]["test"]
 
 

@@ -44,6 +44,7 @@ OFFICIAL_WATERBIRDS = {
     "eval_size": 224,  # lightning/waterbird.py:81 -> data/imagenet_datasets.py:188, 191 Resize((224, 224))
     "object_region": "mask",  # data/waterbirds_datasets.py:71-76 sample['masks'] = segmentation
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
+    "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
 }
 OFFICIAL_IN9 = {
     "arch": "bit-s-r50x1",  # lightning/in9.py:155 --arch default 'BiT-S-R50x1'
@@ -67,6 +68,7 @@ OFFICIAL_IN9 = {
     "eval_size": 224,  # lightning/in9.py:122 -> data/imagenet_datasets.py:188, 191 Resize((224, 224))
     "object_region": "mask",  # lightning/in9.py:153 --mask default 'seg'; data/in9_datasets.py:51-61
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
+    "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
 }
 OFFICIAL_IN9L = {
     **OFFICIAL_IN9,  # lightning/in9.py:198 class IN9LLightningModel(IN9LightningModel)
@@ -95,6 +97,7 @@ OFFICIAL_CCT = {
     "eval_size": 224,  # data/cct_datasets.py:152, 154 Resize((224, 224))
     "object_region": "box",  # data/cct_datasets.py:103-120 boxes only
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
+    "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
 }
 
 

@@ -48,6 +48,7 @@ _WATERBIRDS = dict(
     eval_size=224,  # lightning/waterbird.py:81 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
     object_region="mask",  # data/waterbirds_datasets.py:71-76 (the segmentation mask is the object)
     reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
+    cf_loss="logp",  # train_pl.py:56 (--cf default logp)
 )
 _IN9 = dict(
     arch="bit-s-r50x1",  # lightning/in9.py:155
@@ -71,6 +72,7 @@ _IN9 = dict(
     eval_size=224,  # lightning/in9.py:122 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
     object_region="mask",  # lightning/in9.py:153 (--mask seg), data/in9_datasets.py:51-61 (mask from no_fg)
     reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
+    cf_loss="logp",  # train_pl.py:56 (--cf default logp)
 )
 PRESETS = {
     "waterbirds": _WATERBIRDS,
@@ -103,6 +105,7 @@ PRESETS = {
         eval_size=224,  # data/cct_datasets.py:152, 154 (Resize 224 x 224)
         object_region="box",  # data/cct_datasets.py:103-120 (boxes only; CCT has no masks)
         reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
+        cf_loss="logp",  # train_pl.py:56 (--cf default logp)
     ),
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
@@ -182,9 +185,10 @@ class TrainConfig:
         "(mean, random, shuffle, tile).",
     )
     cf_loss: str = option(
-        "logp",
-        "Counterfactual loss: logp = -log(1 - p_y); uni = CE to uniform; uni_e = uniform over classes but y; "
-        "channels = 2K outputs, class k+K = background of k.",
+        "uni",
+        "Counterfactual loss: uni = CE to uniform (the background alone says nothing); logp = -log(1 - p_y) "
+        "(the official default; with 2 classes it teaches background -> the other class); uni_e = uniform over "
+        "classes but y; channels = 2K outputs, class k+K = background of k.",
         CF_LOSSES,
     )
     cf_coeff: float = option(1.0, "Weight of the counterfactual loss.")
