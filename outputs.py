@@ -47,6 +47,18 @@ def remove_folder(out: Path, option: str = "--out") -> None:
     shutil.rmtree(out)
 
 
+def claim_output_folder(out: Path, own_names: set[str], overwrite: bool, refusal: str) -> None:
+    """Ready `out` for a command that fills it from scratch: missing or empty is fine; with
+    `overwrite`, an earlier output of the same command (only `own_names` in it) is deleted;
+    otherwise a non-empty folder stops the command with `refusal`."""
+    check_output_folder(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(refusal)
+        check_replaceable(out, own_names, [])
+        remove_folder(out)
+
+
 def check_output_file(path: Path, inputs: list[Path], option: str = "--out") -> None:
     """`path` may be written: not a folder, not one of the command's inputs, in a folder that
     exists or can be made."""

@@ -24,19 +24,14 @@ def demo(out, seed, epochs, workers, overwrite) -> None:
     label in 95% of training images): an ERM baseline and CF(tile) + F(mrand) + Sal(bbox_o),
     compared on test accuracy and worst-group accuracy. About 4 minutes on 2 CPU cores."""
     from cfrobust.datasets import open_dataset
-    from cfrobust.errors import UserError
-    from cfrobust.outputs import check_output_folder, check_replaceable, remove_folder
+    from cfrobust.outputs import claim_output_folder
     from cfrobust.preprocess.pipeline import preprocess
     from cfrobust.trainer.config import TrainConfig
     from cfrobust.trainer.report import summary_markdown
     from cfrobust.trainer.train import train
 
-    check_output_folder(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-        check_replaceable(out, DEMO_FILES, [])
-        remove_folder(out)
+    claim_output_folder(out, DEMO_FILES, overwrite,
+                        f"{out} already exists; pass --overwrite to replace it or choose another --out")
     click.echo("1/3 making the built-in dataset into shards")
     preprocess(open_dataset("synthetic", seed=seed), out / "shards", ["tile"], shard_size=250)
     documents = {}

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cfrobust.datasets.record import Record
 from cfrobust.errors import UserError
-from cfrobust.outputs import check_output_folder, check_replaceable, remove_folder
+from cfrobust.outputs import claim_output_folder
 
 if TYPE_CHECKING:
     from cfrobust.datasets.synthetic import SyntheticDataset
@@ -66,12 +66,8 @@ def export_dataset(dataset: SyntheticDataset, out: Path, layout: str, image_form
 
 def _claim_folder(out: Path, own_names: set[str], overwrite: bool) -> None:
     """`out` is missing or empty, or (--overwrite) holds only an earlier export's files."""
-    check_output_folder(out)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it or choose another --out")
-        check_replaceable(out, own_names, [])
-        remove_folder(out)
+    claim_output_folder(out, own_names, overwrite, f"--out {out} already exists and is not empty; pass --overwrite to "
+                                                   f"replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
 

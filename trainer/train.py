@@ -79,7 +79,7 @@ def train_in(env: DistEnv, config: TrainConfig):
         prepare_run_folder(out, config, resuming=checkpoint is not None)
     model, data, parts = build_training(config, info, env)
     state, best_weights = restore(checkpoint, model, parts) if checkpoint is not None else (RunState(), None)
-    select_on = selection_split([s for s in splits if read_info(Path(config.shards) / s)["num_samples"] > 0])
+    select_on = selection_split_of(config.shards)
     loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
 
     def save_mid_epoch() -> None:  # --save-every: rank 0 records where the epoch stands
@@ -329,6 +329,11 @@ def selection_split(splits: list[str]) -> str | None:
     return next((s for s in splits if s.endswith("val")), None)
 
 
+def selection_split_of(shards) -> str | None:
+    """The selection split among the shard root's splits that hold samples."""
+    return selection_split([s for s in list_splits(shards) if read_info(Path(shards) / s)["num_samples"] > 0])
+
+
 def resolved_selection(config: TrainConfig, select_on: str | None) -> str:
     """--select-by auto: worst_group when the selection split's groups say more than its classes
     (a spurious attribute such as the place, as in Waterbirds), else accuracy."""
@@ -344,8 +349,7 @@ def resolved_selection(config: TrainConfig, select_on: str | None) -> str:
 def check_worst_group_selection(shards: str) -> None:
     """--select-by worst_group needs a selection split of two or more groups (its manifest lists
     the groups it holds): with one group, worst-group accuracy is plain accuracy."""
-    filled = [s for s in list_splits(shards) if read_info(Path(shards) / s)["num_samples"] > 0]
-    split = selection_split(filled)
+    split = selection_split_of(shards)
     if split is None:
         raise UserError(f"--select-by worst_group: {shards} has no validation split (val or *val) with samples")
     groups = read_info(Path(shards) / split).get("groups", [])
