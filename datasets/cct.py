@@ -1,14 +1,17 @@
 """Caltech Camera Traps, ECCV'18 split ("Recognition in Terra Incognita"): COCO Camera Traps JSON.
 
-Label = the image's animal category with "empty" (category 30) dropped as the official code does;
-group = the camera location, so evaluation reports per-location and cis/trans accuracy.
+One sample per (image, animal category) with that category's boxes, "empty" (category 30) dropped,
+as the official code does; group = the camera location, for per-location and cis/trans accuracy.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from cfrobust.datasets.coco import CocoDataset, ImageEntry
+from cfrobust.datasets.record import Record
 from cfrobust.errors import UserError
 
 SPLITS = ["train", "cis_val", "trans_val", "cis_test", "trans_test"]
@@ -55,6 +58,44 @@ class CCTDataset(CocoDataset):
         categories = {cid for cid, _ in entry.annotations}
         return categories == {EMPTY_CATEGORY}
 
+    def species_samples(self, entry: ImageEntry) -> list[tuple[str, ImageEntry]]:
+        """(key suffix, entry) per sample of one image: the image itself, or, where it shows several
+        animal categories, one entry per category holding only that category's annotations.
+
+        The official loader groups the annotations by (image_id, category_id), one sample per group
+        with the group's boxes (robust_cls_model arch/data/cct_datasets.py:48-56), then drops
+        category 30 (:58-59); its samples come in (image, category id) order, as here.
+        """
+        species = [] if entry.problems else self.label_categories(entry)
+        if len(species) < 2:
+            return [("", entry)]
+        # The key gets the category id, not its name: ids are distinct where names made safe may not be.
+        return [(f"_category{cid}", replace(entry, annotations=[a for a in entry.annotations if a[0] == cid]))
+                for cid in species]
+
+    def count(self, split: str) -> int:
+        parsed = self._splits[split]
+        kept = [entry for entry in parsed.entries if not self._is_dropped(entry)]
+        return sum(len(self.species_samples(entry)) for entry in kept) + len(parsed.orphans)
+
+    def records(self, split: str) -> Iterator[Record]:
+        parsed = self._splits[split]
+        for entry in parsed.entries:
+            if self._is_dropped(entry):
+                continue
+            for suffix, sample in self.species_samples(entry):
+                record = self.make_record(split, sample)
+                record.key += suffix
+                yield record
+        for image_id, names in parsed.orphans.items():
+            yield self.orphan_record(split, parsed.path, image_id, names)
+
+    def several_species(self) -> dict[str, int]:
+        """Split -> images that became one sample per animal category."""
+        return {split: sum(len(self.species_samples(entry)) > 1 for entry in parsed.entries
+                           if not self._is_dropped(entry))
+                for split, parsed in self._splits.items()}
+
     def group_of(self, entry: ImageEntry, class_name: str) -> tuple[str, str]:
         location = entry.info.get("location")
         if location is None or location == "":
@@ -65,4 +106,13 @@ class CCTDataset(CocoDataset):
         return {"image_id": entry.image_id, "location": entry.info.get("location")}
 
     def describe(self) -> dict:
-        return {**super().describe(), "root": str(self.root), "empty_images_dropped": dict(self.dropped)}
+        return {**super().describe(), "root": str(self.root), "empty_images_dropped": dict(self.dropped),
+                "images_with_several_species": self.several_species()}
+
+    def notes(self) -> list[str]:
+        several = {split: n for split, n in self.several_species().items() if n}
+        if not several:
+            return []
+        counts = ", ".join(f"{split} {n}" for split, n in several.items())
+        return [f"images showing several animal categories ({counts}) became one sample per category, "
+                "each with that category's boxes only (as the official code); keys end in _category<id>"]

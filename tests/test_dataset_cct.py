@@ -1,5 +1,6 @@
 """Caltech Camera Traps (ECCV'18 release layout): empty frames dropped and counted, location groups,
-boxes given at the full-resolution size land on the object of the smaller stored image."""
+one sample per (image, species), boxes given at the full-resolution size land on the object of the
+smaller stored image."""
 
 from __future__ import annotations
 
@@ -103,14 +104,18 @@ def test_splits_classes_and_empty_frames(cct):
     assert ds.name == "cct"
     assert ds.splits == ["train", "cis_val", "trans_test"]  # trans_val and cis_test files are absent
     assert ds.classes == ["opossum", "raccoon", "bobcat"]  # ids 1, 3, 6; 30 (empty) is no class
-    assert [ds.count(s) for s in ds.splits] == [7, 1, 2]  # 7 = 7 images - 1 empty + 1 unknown image id
+    # 8 = 7 images - 1 empty + 1 more for e-5's second species + 1 unknown image id
+    assert [ds.count(s) for s in ds.splits] == [8, 1, 2]
     assert ds.describe() == {
         "dataset": "cct",
         "images": str(cct / "eccv_18_all_images_sm"),
         "annotations": {s: str(cct / "eccv_18_annotation_files" / f"{s}_annotations.json") for s in ds.splits},
         "root": str(cct),
         "empty_images_dropped": {"train": 1, "cis_val": 1, "trans_test": 0},
+        "images_with_several_species": {"train": 1, "cis_val": 0, "trans_test": 0},
     }
+    assert ds.notes() == ["images showing several animal categories (train 1) became one sample per category, "
+                          "each with that category's boxes only (as the official code); keys end in _category<id>"]
 
 
 def test_records(cct):
@@ -129,16 +134,18 @@ def test_records(cct):
 def test_preprocess_rescales_full_size_boxes_onto_the_stored_image(cct, tmp_path):
     out = tmp_path / "out"
     summaries = preprocess(CCTDataset(cct), out, ["tile"], size=SIZE, progress=False)
-    assert [(s.split, s.written, len(s.skipped)) for s in summaries] == [("train", 4, 3), ("cis_val", 1, 0),
+    assert [(s.split, s.written, len(s.skipped)) for s in summaries] == [("train", 6, 2), ("cis_val", 1, 0),
                                                                           ("trans_test", 1, 1)]
     samples, info = read_split(out, "train")
-    assert sorted(samples) == ["a-1", "b-2", "d-4", "f-6"]
+    assert sorted(samples) == ["a-1", "b-2", "d-4", "e-5_category1", "e-5_category6", "f-6"]
     assert info["classes"] == ["opossum", "raccoon", "bobcat"]
-    assert info["group_counts"] == {"38": 3, "46": 1}
+    assert info["group_counts"] == {"38": 3, "46": 3}
     assert info["source"]["empty_images_dropped"] == {"train": 1, "cis_val": 1, "trans_test": 0}
     assert {k: (s["label"], s["group"]) for k, s in samples.items()} == {
-        "a-1": (0, "38"), "b-2": (2, "38"), "d-4": (1, "46"), "f-6": (1, "38")}
-    for key, boxes in {"a-1": [BOX_A], "b-2": BOXES_B, "f-6": [BOX_F]}.items():
+        "a-1": (0, "38"), "b-2": (2, "38"), "d-4": (1, "46"), "e-5_category1": (0, "46"), "e-5_category6": (2, "46"),
+        "f-6": (1, "38")}
+    for key, boxes in {"a-1": [BOX_A], "b-2": BOXES_B, "e-5_category1": [BOX_A], "e-5_category6": [BOX_A],
+                       "f-6": [BOX_F]}.items():
         expected = [stored(b) for b in boxes]
         assert np.allclose(samples[key]["boxes"], expected, atol=1e-3), key
         bright = samples[key]["image"].mean(axis=2) > 128
@@ -155,7 +162,6 @@ def test_problems_are_reported_with_file_and_image_id(cct, tmp_path):
     train = str(cct / "eccv_18_annotation_files" / "train_annotations.json")
     test = str(cct / "eccv_18_annotation_files" / "trans_test_annotations.json")
     assert summaries[0].skipped == [
-        {"key": "e-5", "source": f"{train}: image id e-5", "reason": "several categories: opossum, bobcat"},
         {"key": "g-7", "source": f"{train}: image id g-7", "reason": "no annotation"},
         {"key": "unknown_image_lost-9_annotation_x10", "source": f"{train}: image id lost-9",
          "reason": "image id 'lost-9' is not in 'images' (named by annotation x10)"},
@@ -167,7 +173,7 @@ def test_problems_are_reported_with_file_and_image_id(cct, tmp_path):
 
 
 def test_strict_raises_on_the_first_problem(cct, tmp_path):
-    with pytest.raises(UserError, match=r"record e-5 \(.*train_annotations.json: image id e-5\): several categories"):
+    with pytest.raises(UserError, match=r"record g-7 \(.*train_annotations.json: image id g-7\): no annotation"):
         preprocess(CCTDataset(cct), tmp_path / "out", ["tile"], size=SIZE, strict=True, progress=False)
 
 
@@ -196,3 +202,72 @@ def test_a_location_less_image_is_a_problem(cct):
     path.write_text(json.dumps(data))
     (record,) = CCTDataset(cct).records("cis_val")
     assert (record.key, record.problem) == ("v-1", "image has no 'location' (the evaluation group)")
+
+
+# A train file in the shape of the ECCV'18 release (string uuid ids, seq_* fields, empty frames
+# annotated with category 30 and no bbox): one frame shows two species, a coyote and two opossums.
+TWO_SPECIES, ONE_SPECIES, EMPTY = ("5968c0f9-23d2-11e8-a6a3-ec086b02610b", "59f5fe2b-23d2-11e8-a6a3-ec086b02610b",
+                                   "5a2af4ab-23d2-11e8-a6a3-ec086b02610b")
+COYOTE, OPOSSUMS, RACCOON = (0, 0, 6, 5), [(6, 10, 12, 15), (15, 10, 24, 20)], (3, 5, 12, 15)
+
+
+def write_two_species_release(root):
+    for name, boxes in {TWO_SPECIES: [COYOTE, *OPOSSUMS], ONE_SPECIES: [RACCOON], EMPTY: []}.items():
+        draw(root / "eccv_18_all_images_sm" / f"{name}.jpg", boxes)
+    content = {
+        "info": {"contributor": "Sara Beery", "version": "ECCV18", "year": 2018},
+        "categories": [{"id": 6, "name": "bobcat"}, {"id": 1, "name": "opossum"}, {"id": 30, "name": "empty"},
+                       {"id": 9, "name": "coyote"}, {"id": 3, "name": "raccoon"}],
+        "images": [image(TWO_SPECIES, 38), image(ONE_SPECIES, 46), image(EMPTY, 38)],
+        "annotations": [  # the coyote's annotation sits between the opossums' on purpose
+            ann("1fd1d9e6-5567-11e8-9f93-dca9047ef277", TWO_SPECIES, 1, OPOSSUMS[0]),
+            ann("1fd1d9e7-5567-11e8-9f93-dca9047ef277", TWO_SPECIES, 9, COYOTE),
+            ann("1fd1d9e8-5567-11e8-9f93-dca9047ef277", TWO_SPECIES, 1, OPOSSUMS[1]),
+            ann("1fd1d9e9-5567-11e8-9f93-dca9047ef277", ONE_SPECIES, 3, RACCOON),
+            ann("1fd1d9ea-5567-11e8-9f93-dca9047ef277", EMPTY, 30),
+        ],
+    }
+    (root / "eccv_18_annotation_files").mkdir(parents=True)
+    (root / "eccv_18_annotation_files" / "train_annotations.json").write_text(json.dumps(content))
+    return root
+
+
+def test_an_image_with_two_species_is_one_sample_per_species(tmp_path):
+    root = write_two_species_release(tmp_path / "cct")
+    ds = CCTDataset(root)
+    assert ds.classes == ["opossum", "raccoon", "bobcat", "coyote"]  # ids 1, 3, 6, 9
+    records = list(ds.records("train"))
+    assert ds.count("train") == len(records) == 3
+    full = lambda box: tuple(2.0 * v for v in box)  # noqa: E731 - boxes as the JSON states them
+    assert [(r.key, r.label, r.group, r.boxes, r.problem) for r in records] == [
+        (f"{TWO_SPECIES}_category1", 0, "38", [full(b) for b in OPOSSUMS], ""),
+        (f"{TWO_SPECIES}_category9", 3, "38", [full(COYOTE)], ""),
+        (ONE_SPECIES, 1, "46", [full(RACCOON)], ""),
+    ]
+    assert records[0].image == records[1].image == root / "eccv_18_all_images_sm" / f"{TWO_SPECIES}.jpg"
+
+    from click.testing import CliRunner
+
+    from cfrobust.cli.main import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["preprocess", "--dataset", "cct", "--root", str(root), "--out", str(out),
+                                      "--cf", "tile", "--size", str(SIZE)])
+    assert result.exit_code == 0, result.output
+    assert "   train: 3 samples written, 0 skipped" in result.output
+    assert ("note: images showing several animal categories (train 1) became one sample per category, each with "
+            "that category's boxes only (as the official code); keys end in _category<id>") in result.output
+    samples = list(iter_samples(sorted((out / "train").glob("*.tar")), ["tile"]))
+    info = json.loads((out / "train" / "_info.json").read_text())
+    assert [(s["key"], s["label"], s["group"]) for s in samples] == [
+        (f"{TWO_SPECIES}_category1", 0, "38"), (f"{TWO_SPECIES}_category9", 3, "38"), (ONE_SPECIES, 1, "46")]
+    assert (info["num_samples"], info["group_counts"], info["skipped"]) == (3, {"38": 2, "46": 1}, [])
+    assert info["source"]["empty_images_dropped"] == {"train": 1}
+    assert info["source"]["images_with_several_species"] == {"train": 1}
+    both = [COYOTE, *OPOSSUMS]
+    for sample, boxes, shown in [(samples[0], OPOSSUMS, both), (samples[1], [COYOTE], both),
+                                 (samples[2], [RACCOON], [RACCOON])]:
+        # Each sample's boxes are its own species' only; the other species stays in the picture.
+        assert np.allclose(sample["boxes"], [stored(b) for b in boxes], atol=1e-3), sample["key"]
+        bright = sample["image"].mean(axis=2) > 128
+        assert np.array_equal(bright, boxes_to_mask([stored(b) for b in shown], SIZE, SIZE)), sample["key"]
