@@ -23,7 +23,7 @@ from cfrobust.preprocess.cagan.critics import Critics, discount_weights, gradien
 from cfrobust.preprocess.cagan.holes import largest_free_rectangle, local_patch_origin, sample_holes, size_range
 from cfrobust.preprocess.cagan.network import Generator
 from cfrobust.preprocess.cagan.train import CaganConfig, Models, make_holes, state_path, train_cagan
-from cfrobust.preprocess.cagan.weights import generator_state_from_tf, load_generator
+from cfrobust.preprocess.cagan.weights import generator_state_from_tf, load_generator, save_weights
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.reader import EvalShards
 
@@ -180,6 +180,7 @@ def test_twenty_steps_lower_the_reconstruction_loss_and_write_samples(tiny_shard
     assert after < 0.8 * before, (before, after)  # 0.45 -> 0.27 here
     assert generator.cnum == 4 and generator.meta["steps"] == 20 and generator.meta["image_size"] == 32
     assert generator.meta["shards"] == str(tiny_shards)
+    assert torch.load(tmp_path / "cagan.pt", weights_only=True)["channels"] == "rgb"  # learnt on RGB shards
     import cv2
 
     grids = sorted(p.name for p in (tmp_path / "cagan.samples").iterdir())
@@ -280,8 +281,13 @@ def test_import_round_trip_and_fine_tuning_from_a_tf_checkpoint(tiny_shards, tmp
     assert loaded.cnum == cnum == 4 and loaded.meta["source"] == str(TF_FIXTURE)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
     assert "already exists" in _error_line(runner.invoke(cli, ["cagan", "import", str(TF_FIXTURE), "--out", str(tmp_path / "w.pt")]))
-    # --init starts training from those weights (zero steps: the output is the import itself).
-    for init in (TF_FIXTURE, tmp_path / "w.pt"):
+    # --init starts training from those weights (zero steps: the output is the import itself),
+    # also from a file that keeps the release's BGR tensors and records so: read as RGB too.
+    _, as_trained = generator_state_from_tf(read_tf_checkpoint(TF_FIXTURE), trained_on="rgb")
+    bgr = Generator(cnum=4)
+    bgr.load_state_dict(as_trained)
+    save_weights(tmp_path / "bgr.pt", bgr, channels="bgr")
+    for init in (TF_FIXTURE, tmp_path / "w.pt", tmp_path / "bgr.pt"):
         out = tmp_path / f"tuned-{init.name}.pt"
         train_cagan(tiny_config(tiny_shards, out, steps=0, init=str(init)))
         assert all(torch.equal(load_generator(out).state_dict()[k], v) for k, v in expected.items())

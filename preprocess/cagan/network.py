@@ -16,7 +16,8 @@ Layers keep their TF names (`conv1` … `allconv17`) inside five branches:
     merge          allconv11 … allconv17                  stage 2: both branches -> image
 
 A kernel maps to a weight by `kernel.transpose(3, 2, 0, 1)`; biases copy as they are
-(`weights.generator_state_from_tf` does this and checks every shape).
+(`weights.generator_state_from_tf` does this, checks every shape, and converts the released
+models from the BGR they were trained on to the RGB this network is fed).
 
 Differences from the official code, on purpose: each image of a batch uses its own mask in
 contextual attention (the official graph took the first image's), and the forward pass blanks
