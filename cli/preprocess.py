@@ -17,9 +17,9 @@ SHOWN_PROBLEMS = 10  # skipped records printed per split; all of them are in _in
 # Which source options each dataset takes (the rest must stay unset).
 SOURCE_OPTIONS = {
     "synthetic": ("seed", "synthetic_sizes", "synthetic_image_size", "synthetic_correlation", "variant", "twin"),
-    "waterbirds": ("root", "boxes", "cub_root"),
-    "in9": ("root", "loc_csv"),
-    "in9l": ("root", "loc_csv"),
+    "waterbirds": ("root", "boxes", "cub_root", "seg_rule"),
+    "in9": ("root", "train_root", "loc_csv"),
+    "in9l": ("root", "train_root", "loc_csv"),
     "cct": ("root", "images"),
     "coco": ("images", "annotations"),
     "folder": ("root", "boxes_csv"),
@@ -35,7 +35,7 @@ existing = click.Path(exists=True, path_type=Path)
 @click.command(context_settings={"max_content_width": 100})
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True, help="Source format (see README).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Shard root to create (OUT/<split>/).")
-@click.option("--root", type=existing, help="Dataset folder (waterbirds, in9, in9l, cct, folder).")
+@click.option("--root", type=existing, help="Dataset folder (waterbirds, cct, folder); in9/in9l: the test-set release (its bg_challenge folder, or the folder holding it).")
 @click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, random, shuffle, tile, telea, ns, cagan) or none.")
 @click.option("--cagan-weights", type=existing, help="cagan: generator weights from `cfrobust cagan train` or `cfrobust cagan import`.")
 @click.option("--device", default="auto", show_default=True,
@@ -50,7 +50,10 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--rank", type=int, default=lambda: int(os.environ.get("RANK", 0)), show_default="$RANK or 0", help="This process's slice, for several machines writing one OUT.")
 @click.option("--world-size", type=int, default=lambda: int(os.environ.get("WORLD_SIZE", 1)), show_default="$WORLD_SIZE or 1", help="Number of processes writing OUT; the last to finish merges the manifests.")
 @click.option("--boxes", type=click.Choice(["segmentation", "cub"]), help="waterbirds: object from CUB segmentations (default) or CUB bounding boxes.")
-@click.option("--cub-root", type=existing, help="waterbirds: CUB_200_2011 folder (images.txt, bounding_boxes.txt, segmentations/).")
+@click.option("--cub-root", type=existing, help="waterbirds: CUB_200_2011 folder (images.txt, bounding_boxes.txt); segmentations/ may be inside it or beside it.")
+@click.option("--seg-rule", type=click.Choice(["nonzero", "all255"]),
+              help="waterbirds: segmentation pixels that are the bird: nonzero (default, the official code's rule) or all255 (only pixels 255 in every channel, without the soft grey edges).")
+@click.option("--train-root", type=existing, help="in9/in9l: folder of the unpacked training archives (original/, in9l/, no_fg/), where train and val come from  [default: --root]")
 @click.option("--loc-csv", type=existing, help="in9/in9l: ImageNet LOC_train_solution.csv, for boxes where no mask exists.")
 @click.option("--images", type=existing, help="cct: image folder (default ROOT/eccv_18_all_images_sm); coco: image root.")
 @click.option("--annotations", multiple=True, metavar="SPLIT=FILE", help="coco: a COCO JSON per split, e.g. --annotations train=train.json (repeat).")

@@ -41,8 +41,14 @@ SOURCES: dict[str, list[Download]] = {
         Download("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"),
         Download("https://data.caltech.edu/records/w9d68-gec53/files/segmentations.tgz"),
     ],
+    # The release holds the test sets only (bg_challenge/<variant>/val); the training archives
+    # (MadryLab/backgrounds_challenge README, "Training Data") unpack beside it as original/ and
+    # no_fg/ (train/ + val/ each; no_fg gives the training masks). IN-9L's in9l.tar.gz is not
+    # fetched here: the in9l adapter names it when it is missing.
     "in9": [
         Download("https://github.com/MadryLab/backgrounds_challenge/releases/download/data/backgrounds_challenge_data.tar.gz"),
+        Download("https://www.dropbox.com/s/0vv2qsc4ywb4z5v/original.tar.gz?dl=1"),
+        Download("https://www.dropbox.com/s/0v6w9k7q7i1ytvr/no_fg.tar.gz?dl=1"),
     ],
     "cct": [
         Download("https://lilablobssc.blob.core.windows.net/caltechcameratraps/eccv_18_annotations.tar.gz"),

@@ -1,11 +1,18 @@
 """The Backgrounds Challenge (ImageNet-9, Xiao et al. 2020) as records: IN-9 or IN-9L training
-images with their object located, and the evaluation variants (mixed_same, mixed_rand, ...).
+images with their object located, and the evaluation variants (original, mixed_same, ...).
 
-Layout: `root/<variant>/<train|val>/<class folder>/<image>`, one variant per release tarball.
-A training or validation image's object comes from, in this order: its
-`fg_mask/<split>/<class>/<stem>` file (`.npy` as released, or an image mask), the pixels that
-are black in `no_fg` and not in the image (the official CVPR'21 code's rule), its boxes in
-ImageNet's `LOC_train_solution.csv`; else it has none and trains as plain ERM.
+Two trees, never mixed, as the official CVPR'21 code keeps them (arch/lightning/in9.py:120-125):
+- the evaluation release (`backgrounds_challenge_data.tar.gz`, unpacked: `bg_challenge/<variant>/
+  val/<class folder>/<image>`, masks in `fg_mask/val`) gives the test splits, `original` included;
+- the training archives (`original.tar.gz` for IN-9, `in9l.tar.gz` for IN-9L, `no_fg.tar.gz`, ...,
+  each unpacked: `<variant>/{train,val}/<class folder>/<image>`) give `train` and `val`; `val`, the
+  split that selects the checkpoint, is the training archive's own uncleaned `val/`.
+`root` is the release's `bg_challenge` folder or the folder holding it (where `cfrobust fetch in9`
+unpacks every archive); `train_root` (default: `root`) holds the training archives' folders.
+A located image's object comes from, in this order, and from its own tree only: its
+`fg_mask/<train|val>/<class>/<stem>` file (`.npy` as released, or an image mask), the pixels that
+are black in `no_fg` and not in the image (the official code's rule), its boxes in ImageNet's
+`LOC_train_solution.csv`; else it has none and trains as plain ERM.
 """
 
 from __future__ import annotations
@@ -33,21 +40,36 @@ CLASSES = [
     "07_primate",
     "08_fish",
 ]
+RELEASE_FOLDER = "bg_challenge"  # what backgrounds_challenge_data.tar.gz unpacks to
+ORIGINAL = "original"
 EVAL_VARIANTS = ["mixed_same", "mixed_rand", "mixed_next", "only_fg", "no_fg"]
+TEST_VARIANTS = [ORIGINAL, *EVAL_VARIANTS]  # read from the release, split name = variant name
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # compared lower-cased, so .JPEG counts
 MASK_VARIANT = "fg_mask"
 NO_FG_VARIANT = "no_fg"
 LOC_HEADER = ["ImageId", "PredictionString"]
 LOC_GROUP = 5  # wnid x_min y_min x_max y_max
+# The training archive of IN-9L (MadryLab/backgrounds_challenge README, "Training Data"); the
+# IN-9 ones are what `cfrobust fetch in9` downloads.
+IN9L_ARCHIVE = "https://www.dropbox.com/s/8w29bg9niya19rn/in9l.tar.gz?dl=1"
+SHOWN_OVERLAPS = 3  # file names quoted in the note on val images named like test images
 
 
 @dataclass(frozen=True)
 class SplitFolder:
     """Where a split's images live, and whether to look for their object."""
 
+    tree: Path  # the release or the training tree: the split's masks come from the same one
     variant: str
     folder: str  # "train" or "val" inside the variant
-    located: bool  # training/validation images: find masks or boxes; evaluation variants: no
+    located: bool  # training/validation/original images: find masks or boxes; the other variants: no
+    # False where the tree's fg_mask/val and no_fg/val are the release's (IN-9L's archive unpacked
+    # into the release folder): then only LOC boxes locate the split's images.
+    own_masks: bool = True
+
+    @property
+    def path(self) -> Path:
+        return self.tree / self.variant / self.folder
 
 
 @dataclass
@@ -64,12 +86,18 @@ class Location:
 class BackgroundsDataset(DatasetSource):
     classes = CLASSES
 
-    def __init__(self, root, large: bool = False, loc_csv=None):
+    def __init__(self, root, large: bool = False, loc_csv=None, train_root=None):
         self.root = Path(root)
         self.large = large
         self.name = "in9l" if large else "in9"
+        self.training = "in9l" if large else ORIGINAL
         if not self.root.is_dir():
             raise UserError(f"{self.name} root {self.root} does not exist or is not a folder")
+        self.train_root = self.root if train_root is None else Path(train_root)
+        if not self.train_root.is_dir():
+            raise UserError(f"{self.name} --train-root {self.train_root} does not exist or is not a folder")
+        # The folder the release archive unpacks to, when `root` is the folder it was unpacked in.
+        self.release = self.root / RELEASE_FOLDER if (self.root / RELEASE_FOLDER).is_dir() else self.root
         self.loc_csv = None if loc_csv is None else Path(loc_csv)
         if self.loc_csv is not None:
             check_loc_header(self.loc_csv)
@@ -81,29 +109,84 @@ class BackgroundsDataset(DatasetSource):
         self._loc_lines: dict[str, list] | None = None  # image id -> [(line number, prediction)]
 
     def _find_splits(self) -> dict[str, SplitFolder]:
-        training = "in9l" if self.large else "original"
-        train_dir = self.root / training / "train"
-        if not train_dir.is_dir():
-            raise UserError(f"{self.name}: training folder {train_dir} is missing")
-        wanted = {"train": SplitFolder(training, "train", True), "val": SplitFolder(training, "val", True)}
-        if self.large:
-            wanted["original"] = SplitFolder("original", "val", True)
-        for variant in EVAL_VARIANTS:
-            wanted[variant] = SplitFolder(variant, "val", False)
-        # Only splits whose folder exists: the evaluation release may come without some variants.
-        return {name: where for name, where in wanted.items() if self._split_dir(where).is_dir()}
+        train = SplitFolder(self.train_root, self.training, "train", True)
+        if not train.path.is_dir():
+            raise UserError(self._missing_training(train.path))
+        in_release = os.path.samefile(self.train_root, self.release)
+        wanted = {"train": train, "val": SplitFolder(self.train_root, self.training, "val", True, not in_release)}
+        for variant in TEST_VARIANTS:
+            wanted[variant] = SplitFolder(self.release, variant, "val", variant == ORIGINAL)
+        # Only splits whose folder exists: the release may come without some variants.
+        present = {name: where for name, where in wanted.items() if where.path.is_dir()}
+        tests = [name for name in present if name in TEST_VARIANTS]
+        if not tests:
+            raise UserError(
+                f"{self.name}: no test set in {self.release} (none of {', '.join(f'{v}/val' for v in TEST_VARIANTS)}); "
+                f"--root takes the release's {RELEASE_FOLDER} folder or the folder holding it"
+            )
+        for name in tests:
+            self._check_release_only(present[name])
+        if "val" in present:
+            self._check_training_only(present["val"], [present[name].path for name in tests])
+        return present
 
-    def _split_dir(self, where: SplitFolder) -> Path:
-        return self.root / where.variant / where.folder
+    def _missing_training(self, train_dir: Path) -> str:
+        if self.large:
+            how = f"download {IN9L_ARCHIVE} and unpack it into {self.train_root} (or a folder given as --train-root)"
+        else:
+            how = (f"`cfrobust fetch in9 --to DIR` downloads original.tar.gz and no_fg.tar.gz beside the release "
+                   f"(then --root DIR), or unpack them into a folder given as --train-root")
+        return f"{self.name}: training folder {train_dir} is missing (the release holds only the test sets): {how}"
+
+    def _check_release_only(self, where: SplitFolder) -> None:
+        """A test split's folder must hold the release's images alone: a training archive of the same
+        variant unpacked into the same folder merges its uncleaned val/ into it, file by file."""
+        beside = where.tree / where.variant / "train"
+        if beside.is_dir():
+            raise UserError(
+                f"{self.name}: {where.path} cannot be a test set: {beside} beside it comes from the training archive "
+                f"{where.variant}.tar.gz, whose own val/ is unpacked into the same folder; give the release's "
+                f"{RELEASE_FOLDER} folder as --root and the training archives' folder as --train-root"
+            )
+
+    def _check_training_only(self, val: SplitFolder, test_folders: list[Path]) -> None:
+        """The selection split must not be (or hold) the release's test images."""
+        same = any(os.path.samefile(folder, val.path) for folder in test_folders)
+        release_masks = self.train_root / MASK_VARIANT / "val"
+        if same or (val.variant == ORIGINAL and release_masks.is_dir()):
+            evidence = f"{release_masks}, the release's test masks, is there too"
+            if same:
+                evidence = "it is the release's test folder"
+            raise UserError(
+                f"{self.name}: {val.path} cannot be the validation split: {evidence}; unpack the training "
+                f"archives into a folder of their own and give it as --train-root"
+            )
 
     def describe(self) -> dict:
         return {
             "dataset": self.name,
             "root": str(self.root),
+            "release": str(self.release),
+            "train_root": str(self.train_root),
             "large": self.large,
             "loc_csv": None if self.loc_csv is None else str(self.loc_csv),
-            "splits": {name: f"{w.variant}/{w.folder}" for name, w in self.split_folders.items()},
+            "splits": {name: str(where.path) for name, where in self.split_folders.items()},
         }
+
+    def notes(self) -> list[str]:
+        """Validation images named like the release's original test images of the same class."""
+        if "val" not in self.split_folders or ORIGINAL not in self.split_folders:
+            return []
+        tests = {(c, p.name) for c, p in self._files(ORIGINAL)}
+        shared = [f"{c}/{p.name}" for c, p in self._files("val") if (c, p.name) in tests]
+        if not shared:
+            return []
+        shown = ", ".join(shared[:SHOWN_OVERLAPS]) + (", ..." if len(shared) > SHOWN_OVERLAPS else "")
+        return [
+            f"val ({self.split_folders['val'].path}): {len(shared)} of {self.count('val')} images are named like "
+            f"a test image of the same class in {self.split_folders[ORIGINAL].path} ({shown}); val keeps them, "
+            f"as the official code does"
+        ]
 
     def count(self, split: str) -> int:
         return len(self._files(split))
@@ -121,7 +204,7 @@ class BackgroundsDataset(DatasetSource):
     def _files(self, split: str) -> list[tuple[str, Path]]:
         """(class folder, image path) of every image in the split, classes in label order, names sorted."""
         if split not in self._file_cache:
-            split_dir = self._split_dir(self._split_folder(split))
+            split_dir = self._split_folder(split).path
             folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
             ordered = [c for c in CLASSES if c in folders] + [f for f in folders if f not in CLASSES]
             self._file_cache[split] = [
@@ -135,8 +218,8 @@ class BackgroundsDataset(DatasetSource):
             self._listing_cache[folder] = {p.name: p for p in list_files(folder, IMAGE_SUFFIXES)}
         return self._listing_cache[folder]
 
-    def _mask_file(self, folder: str, class_folder: str, stem: str) -> Path | None:
-        mask_dir = self.root / MASK_VARIANT / folder / class_folder
+    def _mask_file(self, where: SplitFolder, class_folder: str, stem: str) -> Path | None:
+        mask_dir = where.tree / MASK_VARIANT / where.folder / class_folder
         if mask_dir not in self._mask_index:
             index: dict[str, Path] = {}
             # The release's masks are .npy; if an image mask shares a stem with one, the .npy wins.
@@ -169,10 +252,13 @@ class BackgroundsDataset(DatasetSource):
         return record
 
     def _locate(self, where: SplitFolder, class_folder: str, path: Path) -> Location:
-        mask_file = self._mask_file(where.folder, class_folder, path.stem)
+        if not where.own_masks:
+            return self._loc_boxes(path)
+        mask_file = self._mask_file(where, class_folder, path.stem)
         if mask_file is not None:
             return mask_from_file(mask_file)
-        no_fg_file = self._images_in(self.root / NO_FG_VARIANT / where.folder / class_folder).get(path.name)
+        no_fg_dir = where.tree / NO_FG_VARIANT / where.folder / class_folder
+        no_fg_file = self._images_in(no_fg_dir).get(path.name)
         if no_fg_file is not None:
             location = mask_from_no_fg(path, no_fg_file)
             if location is not None:

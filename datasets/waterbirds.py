@@ -2,15 +2,30 @@
 
 The bird is located by its CUB segmentation PNG (default) or by CUB's `bounding_boxes.txt`,
 matched to the metadata by image path.
+
+Where the segmentations are: CUB's `segmentations.tgz` unpacks to a top-level `segmentations/`
+folder, which `cfrobust fetch waterbirds` (and the official `datasets/fetch_waterbird.sh`) leave
+*beside* `waterbird_complete95_forest2water2/`. `segmentation_folder_candidates` gives the
+search order; each image's PNG is taken from the first folder that has it.
+
+Which pixels are the bird (`seg_rule`): `nonzero` (default) is the official code's rule: it
+reads the PNG as RGB, divides by 255 and takes the box of `seg_np.all(axis=2)`, which on floats
+is true wherever every channel is nonzero (arch/data/waterbirds_datasets.py:72,79-80,83), and
+its training mask is `ceil(ToTensor(mask)) == 1` in any channel, again every nonzero pixel
+(arch/data/bbox_utils.py:248-251). `all255` keeps only pixels that are 255 in all channels,
+dropping the soft, grey edges of CUB's segmentations.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
+
+import numpy as np
 
 from cfrobust.datasets.record import Box, DatasetSource, Record, safe_key
 from cfrobust.errors import UserError
@@ -20,7 +35,9 @@ PLACES = ["land", "water"]  # metadata `place`
 SPLITS = ["train", "val", "test"]  # metadata `split`
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 BOX_SOURCES = ("segmentation", "cub")
+SEG_RULES = ("nonzero", "all255")  # which segmentation pixels are the bird; the first is the default
 METADATA = "metadata.csv"
+SEGMENTATIONS = "segmentations"
 
 
 def group_of(y: int, place: int) -> str:
@@ -52,9 +69,14 @@ class WaterbirdsDataset(DatasetSource):
     splits = SPLITS
     aligned_groups = [group_of(0, 0), group_of(1, 1)]
 
-    def __init__(self, root, boxes: str = "segmentation", cub_root=None):
+    def __init__(self, root, boxes: str = "segmentation", cub_root=None, seg_rule: str | None = None):
+        """`seg_rule` None means not chosen: `nonzero` with segmentations, and none with CUB boxes."""
         if boxes not in BOX_SOURCES:
             raise UserError(f"waterbirds boxes must be one of {', '.join(BOX_SOURCES)}, got {boxes!r}")
+        if seg_rule is not None and seg_rule not in SEG_RULES:
+            raise UserError(f"waterbirds seg_rule must be one of {', '.join(SEG_RULES)}, got {seg_rule!r}")
+        if seg_rule is not None and boxes == "cub":
+            raise UserError("--seg-rule chooses segmentation pixels; it does not apply to --boxes cub")
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"waterbirds root {self.root} is not a directory")
@@ -65,10 +87,15 @@ class WaterbirdsDataset(DatasetSource):
         self.metadata_path = self.root / METADATA
         self._rows = _rows_by_split(read_metadata(self.metadata_path))
         self._cub_boxes = None
+        self.seg_rule = None
+        self.seg_folders: list[Path] = []
         if boxes == "cub":
             if self.cub_root is None:
                 raise UserError("--boxes cub needs --cub-root, the CUB_200_2011 folder")
             self._cub_boxes = CubBoxes.read(self.cub_root)
+        else:
+            self.seg_rule = seg_rule or SEG_RULES[0]
+            self.seg_folders = find_segmentation_folders(self.root, self.cub_root)
 
     def describe(self) -> dict:
         return {
@@ -76,6 +103,8 @@ class WaterbirdsDataset(DatasetSource):
             "root": str(self.root),
             "boxes": self.boxes,
             "cub_root": None if self.cub_root is None else str(self.cub_root),
+            "segmentations": [str(folder) for folder in self.seg_folders],
+            "seg_rule": self.seg_rule,
         }
 
     def count(self, split: str) -> int:
@@ -111,16 +140,61 @@ class WaterbirdsDataset(DatasetSource):
             box, problem = self._cub_boxes.lookup(filename)
             record.boxes, record.problem = ([box] if box else []), problem
             return
-        candidates = self._segmentation_candidates(filename)
+        relative = PurePosixPath(filename).with_suffix(".png").parts
+        candidates = [folder.joinpath(*relative) for folder in self.seg_folders]
         found = next((path for path in candidates if path.is_file()), None)
         if found is None:
             record.problem = "no segmentation " + " or ".join(str(p) for p in candidates)
-        record.mask = found
+        elif self.seg_rule == "all255":
+            record.mask, record.problem = pixels_all_255(found)
+        else:
+            record.mask = found  # the pipeline reads it as grey levels: nonzero = bird
 
-    def _segmentation_candidates(self, filename: str) -> list[Path]:
-        relative = PurePosixPath("segmentations", filename).with_suffix(".png").parts
-        roots = [self.root] + ([self.cub_root] if self.cub_root is not None else [])
-        return [folder.joinpath(*relative) for folder in roots]
+
+def segmentation_folder_candidates(root: Path, cub_root: Path | None) -> list[Path]:
+    """Where a `segmentations/` folder may be, in search order: inside ROOT, inside CUB_ROOT,
+    beside ROOT (in its parent folder: where `cfrobust fetch waterbirds` and the official
+    fetch_waterbird.sh put it), beside CUB_ROOT. A place named twice is listed once."""
+    inside = [root] + ([cub_root] if cub_root is not None else [])
+    # abspath, not resolve: "beside" means beside the folder as the user names it, symlink or not,
+    # and `--root .` must still have a parent.
+    beside = [Path(os.path.abspath(folder)).parent for folder in inside]
+    candidates: list[Path] = []
+    seen: set[str] = set()
+    for folder in inside + beside:
+        place = folder / SEGMENTATIONS
+        if os.path.abspath(place) not in seen:
+            seen.add(os.path.abspath(place))
+            candidates.append(place)
+    return candidates
+
+
+def find_segmentation_folders(root: Path, cub_root: Path | None) -> list[Path]:
+    """The candidate folders that exist, in search order; none is a UserError naming every place looked."""
+    candidates = segmentation_folder_candidates(root, cub_root)
+    found = [folder for folder in candidates if folder.is_dir()]
+    if not found:
+        raise UserError(
+            f"waterbirds: no {SEGMENTATIONS}/ folder in {', '.join(str(folder) for folder in candidates)}; "
+            f"unpack CUB's segmentations.tgz beside {root} (`cfrobust fetch waterbirds` does), "
+            f"or take CUB's boxes with --boxes cub --cub-root CUB_200_2011"
+        )
+    return found
+
+
+def pixels_all_255(path: Path) -> tuple[np.ndarray | None, str]:
+    """(HxW uint8 mask, 255 = bird, "") from the pixels of a segmentation PNG that are 255 in
+    every channel, as RGB (grey and palette PNGs expanded, alpha dropped); else (None, why not)."""
+    from cfrobust.shards.schema import decode_rgb  # OpenCV: imported only when this rule is used
+
+    try:
+        pixels = decode_rgb(path.read_bytes())
+    except (OSError, ValueError):
+        return None, f"unreadable mask {path}"
+    bird = (pixels == 255).all(axis=2)
+    if not bird.any():
+        return None, f"segmentation {path} has no pixel of 255 in every channel (--seg-rule all255)"
+    return bird.astype(np.uint8) * np.uint8(255), ""
 
 
 def read_metadata(path: Path) -> list[MetadataRow]:

@@ -6,6 +6,8 @@ Images are 24x16 (non-square) and stored at 16x16, so x scales by 2/3 and y by 1
 from __future__ import annotations
 
 import json
+import os
+import re
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,8 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from cfrobust.datasets.waterbirds import WaterbirdsDataset, group_of
+from cfrobust.cli.main import cli
+from cfrobust.cli.preprocess import preprocess as preprocess_command
+from cfrobust.datasets.waterbirds import SEG_RULES, WaterbirdsDataset, group_of, segmentation_folder_candidates
 from cfrobust.errors import UserError
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.reader import iter_samples
@@ -77,6 +82,7 @@ def write_images(root: Path, birds: list[Bird]) -> None:
 
 def write_segmentations(folder: Path, birds: list[Bird]) -> None:
     """CUB layout: <folder>/segmentations/<class folder>/<name>.png, object = non-zero grey."""
+    (folder / "segmentations").mkdir(parents=True, exist_ok=True)
     for bird in birds:
         mask = np.zeros((HEIGHT, WIDTH), np.uint8)
         c0, r0, c1, r1 = bird.blob
@@ -140,7 +146,8 @@ def test_segmentations_give_splits_groups_labels_and_mask_boxes(tmp_path):
     assert dataset.classes == ["landbird", "waterbird"]
     assert dataset.splits == ["train", "val", "test"]
     assert [dataset.count(s) for s in dataset.splits] == [3, 1, 2]
-    assert dataset.describe() == {"dataset": "waterbirds", "root": str(root), "boxes": "segmentation", "cub_root": None}
+    assert dataset.describe() == {"dataset": "waterbirds", "root": str(root), "boxes": "segmentation", "cub_root": None,
+                                  "segmentations": [str(root / "segmentations")], "seg_rule": "nonzero"}
 
     out = tmp_path / "out"
     summaries = preprocess(dataset, out, ["tile"], size=SIZE, progress=False)
@@ -180,6 +187,7 @@ def test_segmentations_give_splits_groups_labels_and_mask_boxes(tmp_path):
 
 
 def test_grey_level_segmentation_counts_as_object(tmp_path):
+    """By default, as the official code (any nonzero pixel; see datasets/waterbirds.py)."""
     bird = GREY_SEGMENTATION
     root = write_waterbirds(tmp_path / "wb", birds=[bird])
     seg = cv2.imread(str(root / "segmentations" / bird.filename.replace(".jpg", ".png")), cv2.IMREAD_GRAYSCALE)
@@ -231,7 +239,7 @@ def test_segmentations_under_cub_root_and_root_first(tmp_path):
 def test_missing_segmentation_is_reported_with_its_line(tmp_path):
     root = write_waterbirds(tmp_path / "wb", birds=BIRDS[:2], segmentations=False)
     cub = tmp_path / "cub"
-    cub.mkdir()
+    write_segmentations(cub, [])  # an empty cub/segmentations/: searched, and named in the reason
     write_segmentations(root, [BIRDS[1]])
     summaries = preprocess(WaterbirdsDataset(root, cub_root=cub), tmp_path / "out", ["tile"], size=SIZE, progress=False)
     seg = Path("segmentations", BIRDS[0].filename.replace(".jpg", ".png"))
@@ -304,6 +312,9 @@ def test_cub_box_problems_are_reported_per_record(tmp_path):
         ({"boxes": "cub"}, "--boxes cub needs --cub-root"),
         ({"boxes": "segmentations"}, "boxes must be one of segmentation, cub, got 'segmentations'"),
         ({"boxes": "cub", "cub_root": "nope"}, "CUB root .*nope is not a directory"),
+        ({"seg_rule": "half"}, "seg_rule must be one of nonzero, all255, got 'half'"),
+        ({"boxes": "cub", "cub_root": "wb", "seg_rule": "all255"},
+         "--seg-rule chooses segmentation pixels; it does not apply to --boxes cub"),
     ],
 )
 def test_bad_options_are_user_errors(tmp_path, options, message):
@@ -369,3 +380,192 @@ def test_strict_raises_on_the_first_bad_line(tmp_path):
     root = write_waterbirds(tmp_path / "wb", extra_lines=BAD_LINES[3:4])
     with pytest.raises(UserError, match=r"metadata\.csv:8\): malformed line: 4 fields, the header has 6"):
         preprocess(WaterbirdsDataset(root), tmp_path / "out", ["tile"], size=SIZE, strict=True, progress=False)
+
+
+# --- The three downloads side by side (CUB's segmentations.tgz unpacks to its own folder) -------
+
+# README.md's Waterbirds command, word for word, run in the folder that holds the three downloads.
+README_COMMAND = ("preprocess --dataset waterbirds --root waterbird_complete95_forest2water2 "
+                  "--cub-root CUB_200_2011 --out shards/wb --cf tile,mean")
+README_SIZE = 256  # the command's stored size (the default); every blob edge maps to a whole pixel
+
+
+def write_release(data: Path, birds=BIRDS, segmentations=True) -> Path:
+    """`cfrobust fetch waterbirds` unpacked into `data`: waterbird_complete95_forest2water2/,
+    CUB_200_2011/ (its text files and original images, the bird on white) and segmentations/."""
+    write_waterbirds(data / "waterbird_complete95_forest2water2", birds, segmentations=False)
+    cub = write_cub(data / "CUB_200_2011", [f"{b.img_id} {b.filename}" for b in birds],
+                    [f"{b.img_id} {b.blob[0]}.0 {b.blob[1]}.0 {b.blob[2] - b.blob[0]}.0 {b.blob[3] - b.blob[1]}.0"
+                     for b in birds])
+    folders = sorted({b.filename.split("/")[0] for b in birds})
+    (cub / "classes.txt").write_text("".join(f"{int(f[:3])} {f}\n" for f in folders))
+    (cub / "image_class_labels.txt").write_text("".join(f"{b.img_id} {int(b.filename[:3])}\n" for b in birds))
+    (cub / "train_test_split.txt").write_text("".join(f"{b.img_id} 1\n" for b in birds))
+    for bird in birds:
+        original = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+        c0, r0, c1, r1 = bird.blob
+        original[r0:r1, c0:c1] = BIRD_BGR
+        path = cub / "images" / bird.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), original)
+    if segmentations:
+        write_segmentations(data, birds)
+    return data
+
+
+def stored_mask(box, size: int) -> np.ndarray:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask = np.zeros((size, size), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_readme_command_on_the_three_downloads_side_by_side(tmp_path, monkeypatch):
+    data = write_release(tmp_path / "data")
+    assert sorted(p.name for p in data.iterdir()) == ["CUB_200_2011", "segmentations",
+                                                      "waterbird_complete95_forest2water2"]
+    monkeypatch.chdir(data)
+    result = CliRunner().invoke(cli, README_COMMAND.split())
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [  # progress bars go to stderr
+        "   train: 3 samples written, 0 skipped",
+        "     val: 1 samples written, 0 skipped",
+        "    test: 2 samples written, 0 skipped",
+        "shards in shards/wb",
+    ]
+    out = data / "shards" / "wb"
+    source = info(out, "train")["source"]
+    assert source["segmentations"] == [str(Path(os.getcwd()) / "segmentations")]  # found beside --root
+    assert source["seg_rule"] == "nonzero"
+    assert info(out, "train")["cf_methods"] == ["tile", "mean"]
+    scale = np.array([README_SIZE / WIDTH, README_SIZE / HEIGHT] * 2)
+    for split_id, split in enumerate(["train", "val", "test"]):
+        samples = read_split(out, split)
+        birds = [b for b in BIRDS if b.split == split_id]
+        assert sorted(samples) == sorted(bird_key(b) for b in birds)
+        for bird in birds:
+            sample = samples[bird_key(bird)]
+            box = tuple(np.array(bird.blob) * scale)  # e.g. columns 6..14, rows 2..8 -> (64, 32, 160, 144)
+            assert (sample["label"], sample["group"]) == (bird.y, group_of(bird.y, bird.place))
+            assert sample["boxes"] == [pytest.approx(box, abs=1e-3)]
+            inside = stored_mask(box, README_SIZE)
+            assert np.array_equal(sample["mask"] > 0, inside)
+            # The Waterbirds image (the bird on its place), not CUB's original (the bird on white).
+            place_rgb = np.array((WATER_BGR if bird.place else LAND_BGR)[::-1], float)
+            assert np.abs(sample["image"][~inside].mean(axis=0) - place_rgb).max() < 12
+
+
+def test_segmentations_folder_search_order(tmp_path, monkeypatch):
+    """Inside --root, inside --cub-root, beside --root, beside --cub-root; per image, the first that has it."""
+    root = write_waterbirds(tmp_path / "data" / "wb", birds=BIRDS[:1], segmentations=False)
+    cub = tmp_path / "elsewhere" / "CUB_200_2011"
+    cub.mkdir(parents=True)
+    places = segmentation_folder_candidates(root, cub)
+    assert places == [root / "segmentations", cub / "segmentations",
+                      tmp_path / "data" / "segmentations", tmp_path / "elsewhere" / "segmentations"]
+    # A CUB folder beside the Waterbirds folder: its parent is looked in once.
+    beside_cub = tmp_path / "data" / "CUB_200_2011"
+    assert segmentation_folder_candidates(root, beside_cub) == [
+        root / "segmentations", beside_cub / "segmentations", tmp_path / "data" / "segmentations"]
+    for place in places:
+        write_segmentations(place.parent, BIRDS[:1])
+    png = Path(BIRDS[0].filename).with_suffix(".png")
+    for place in places:
+        (record,) = WaterbirdsDataset(root, cub_root=cub).records("train")
+        assert (record.mask, record.problem) == (place / png, "")
+        (place / png).unlink()  # the folder stays: the next folder must still be tried for this image
+    (record,) = WaterbirdsDataset(root, cub_root=cub).records("train")
+    assert record.mask is None
+    assert record.problem == "no segmentation " + " or ".join(str(place / png) for place in places)
+    # --root . from inside the Waterbirds folder still looks beside it.
+    monkeypatch.chdir(root)
+    assert segmentation_folder_candidates(Path("."), None) == [
+        Path("segmentations"), Path(os.getcwd()).parent / "segmentations"]
+
+
+def test_no_segmentations_folder_is_one_line_naming_every_place_looked(tmp_path, monkeypatch):
+    data = write_release(tmp_path / "data", segmentations=False)
+    root, cub = data / "waterbird_complete95_forest2water2", data / "CUB_200_2011"
+    expected = (f"waterbirds: no segmentations/ folder in {root}/segmentations, {cub}/segmentations, "
+                f"{data}/segmentations; unpack CUB's segmentations.tgz beside {root} "
+                f"(`cfrobust fetch waterbirds` does), or take CUB's boxes with --boxes cub --cub-root CUB_200_2011")
+    with pytest.raises(UserError, match=f"^{re.escape(expected)}$"):
+        WaterbirdsDataset(root, cub_root=cub)
+    # The README's command: relative places as given, the parent folder made absolute.
+    monkeypatch.chdir(data)
+    result = CliRunner().invoke(cli, README_COMMAND.split())
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: waterbirds: no segmentations/ folder in waterbird_complete95_forest2water2/segmentations, "
+        f"CUB_200_2011/segmentations, {Path(os.getcwd())}/segmentations; unpack CUB's segmentations.tgz beside "
+        "waterbird_complete95_forest2water2 (`cfrobust fetch waterbirds` does), or take CUB's boxes with "
+        "--boxes cub --cub-root CUB_200_2011\n"
+    )
+    assert not (data / "shards").exists()
+    # CUB boxes need no segmentations.
+    result = CliRunner().invoke(cli, README_COMMAND.split() + ["--boxes", "cub", "--overwrite"])
+    assert result.exit_code == 0, result.output
+
+
+# A 16x16 soft-edged segmentation (as CUB's: grey at the border): 255 at rows 5..10, columns
+# 4..11; a ring of 128 around it (rows 4..11, columns 3..12); one pixel (255, 255, 254) at row 14,
+# column 14, which is 255 in two channels only.
+SOFT_BIRD = replace(BIRDS[1], blob=(4, 5, 12, 11))
+SOFT_SIZE = 16
+
+
+def soft_segmentation() -> np.ndarray:
+    rgb = np.zeros((SOFT_SIZE, SOFT_SIZE, 3), np.uint8)
+    rgb[4:12, 3:13] = 128
+    rgb[5:11, 4:12] = 255
+    rgb[14, 14] = (255, 255, 254)
+    return rgb
+
+
+@pytest.mark.parametrize("rule", [None, "nonzero", "all255"])
+def test_soft_edged_segmentation_under_each_rule(tmp_path, monkeypatch, rule):
+    seg = soft_segmentation()
+    if rule == "all255":
+        bird, box = seg.min(axis=2) == 255, (4.0, 5.0, 12.0, 11.0)  # the 255 core alone
+    else:  # the default: every nonzero pixel, ring and the two-channel pixel included
+        bird, box = seg.max(axis=2) > 0, (3.0, 4.0, 15.0, 15.0)
+    assert bird.sum() == (48 if rule == "all255" else 8 * 10 + 1)
+    root = tmp_path / "wb"
+    write_waterbirds(root, birds=[SOFT_BIRD], segmentations=False)
+    image = np.full((SOFT_SIZE, SOFT_SIZE, 3), LAND_BGR, np.uint8)
+    assert cv2.imwrite(str(root / SOFT_BIRD.filename), image)  # square, so it is stored unresized
+    png = tmp_path / "segmentations" / Path(SOFT_BIRD.filename).with_suffix(".png")
+    png.parent.mkdir(parents=True)
+    assert cv2.imwrite(str(png), seg[..., ::-1])  # RGB -> OpenCV's BGR
+    monkeypatch.chdir(tmp_path)
+    args = ["preprocess", "--dataset", "waterbirds", "--root", "wb", "--out", "out", "--cf", "tile",
+            "--size", str(SOFT_SIZE)] + (["--seg-rule", rule] if rule else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    (sample,) = read_split(tmp_path / "out", "train").values()
+    assert sample["boxes"] == [pytest.approx(box, abs=1e-3)]
+    assert set(np.unique(sample["mask"])) == {0, 255}
+    assert np.array_equal(sample["mask"] == 255, bird)
+    assert info(tmp_path / "out", "train")["source"]["seg_rule"] == (rule or "nonzero")
+
+
+def test_all255_problems_are_reported_per_record(tmp_path):
+    birds = [GREY_SEGMENTATION, BIRDS[5]]  # a mask of 128 only, and one whose PNG is broken
+    root = write_waterbirds(tmp_path / "wb", birds=birds)
+    broken = root / "segmentations" / BIRDS[5].filename.replace(".jpg", ".png")
+    broken.write_bytes(b"not a png")
+    summaries = preprocess(WaterbirdsDataset(root, seg_rule="all255"), tmp_path / "out", ["tile"], size=SIZE,
+                           progress=False)
+    grey = root / "segmentations" / GREY_SEGMENTATION.filename.replace(".jpg", ".png")
+    assert [(item["key"], item["reason"]) for item in summaries[2].skipped] == [
+        (bird_key(BIRDS[5]), f"unreadable mask {broken}"),
+        (bird_key(GREY_SEGMENTATION), f"segmentation {grey} has no pixel of 255 in every channel (--seg-rule all255)"),
+    ]
+
+
+def test_seg_rule_option_matches_the_adapter_and_applies_to_waterbirds_only(tmp_path):
+    (option,) = [p for p in preprocess_command.params if p.name == "seg_rule"]
+    assert tuple(option.type.choices) == SEG_RULES
+    result = CliRunner().invoke(cli, ["preprocess", "--dataset", "synthetic", "--out", str(tmp_path / "o"),
+                                      "--seg-rule", "all255"])
+    assert result.exit_code == 2 and "--seg-rule does not apply to --dataset synthetic" in result.output

@@ -129,3 +129,67 @@ def test_a_pinned_digest_is_enforced(tmp_path, monkeypatch, one_file):
 def test_unknown_dataset():
     with pytest.raises(UserError, match="no download known for 'imagenet'"):
         fetch("imagenet", "/nonexistent")
+
+
+# --- ImageNet-9: the test-set release and the training archives ------------------------------
+
+IN9_RELEASE = "https://github.com/MadryLab/backgrounds_challenge/releases/download/data/backgrounds_challenge_data.tar.gz"
+IN9_ORIGINAL = "https://www.dropbox.com/s/0vv2qsc4ywb4z5v/original.tar.gz?dl=1"
+IN9_NO_FG = "https://www.dropbox.com/s/0v6w9k7q7i1ytvr/no_fg.tar.gz?dl=1"
+
+
+def archive_of(names: list[str]) -> bytes:
+    """A .tar.gz holding each named file (a few placeholder bytes: nothing here decodes them)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            archive.addfile(info, io.BytesIO(b"JPEG"))
+    return buffer.getvalue()
+
+
+class Hosts:
+    """Several URLs, each served whole (no Range requests needed: nothing is resumed here)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.requested = files, []
+
+    def __call__(self, request):
+        self.requested.append(request.full_url)
+        data = self.files[request.full_url]
+        return Response(data, 200, {"Content-Length": str(len(data))})
+
+
+def test_in9_fetches_the_release_and_the_training_archives_into_one_layout(tmp_path):
+    """The release unpacks to bg_challenge/ (test sets only), each training archive to its variant
+    folder beside it; `--root` that folder then gives train/val from the archives, tests from the release."""
+    from cfrobust.datasets.in9 import BackgroundsDataset
+
+    assert [item.url for item in fetch_module.SOURCES["in9"]] == [IN9_RELEASE, IN9_ORIGINAL, IN9_NO_FG]
+    release = [f"bg_challenge/{v}/val/00_dog/n1.JPEG" for v in ("original", "mixed_same", "mixed_rand")]
+    hosts = Hosts({
+        IN9_RELEASE: archive_of(release + ["bg_challenge/fg_mask/val/00_dog/n1.npy"]),
+        IN9_ORIGINAL: archive_of(["original/train/00_dog/n2.JPEG", "original/val/00_dog/n1.JPEG"]),
+        IN9_NO_FG: archive_of(["no_fg/train/00_dog/n2.JPEG", "no_fg/val/00_dog/n1.JPEG"]),
+    })
+    paths = fetch("in9", tmp_path, opener=hosts, report=lambda _: None)
+    archives = ("backgrounds_challenge_data.tar.gz", "original.tar.gz", "no_fg.tar.gz")
+    assert paths == [tmp_path / name for name in archives]
+    assert hosts.requested == [IN9_RELEASE, IN9_ORIGINAL, IN9_NO_FG]
+    dataset = BackgroundsDataset(tmp_path)
+    assert dataset.describe()["splits"] == {
+        "train": str(tmp_path / "original/train"),
+        "val": str(tmp_path / "original/val"),
+        "original": str(tmp_path / "bg_challenge/original/val"),
+        "mixed_same": str(tmp_path / "bg_challenge/mixed_same/val"),
+        "mixed_rand": str(tmp_path / "bg_challenge/mixed_rand/val"),
+    }
+
+
+def test_in9_unreachable_names_every_archive(tmp_path):
+    with pytest.raises(UserError) as caught:
+        fetch("in9", tmp_path, opener=FakeHost(b"", reachable=False), report=lambda _: None)
+    assert str(caught.value) == (
+        f"cannot reach {IN9_RELEASE}, {IN9_ORIGINAL}, {IN9_NO_FG}; download by hand into {tmp_path} (a .part file "
+        f"there is resumed) and run this command again to verify and unpack")
