@@ -124,7 +124,8 @@ def test_the_default_rows_split_on_any_other_field_and_show_it(runs):
 
 
 def test_in9_and_cct_headline_columns(tmp_path):
-    in9 = {"val": figures(0.9, 0.8), "mixed_same": figures(0.8, 0.7), "mixed_rand": figures(0.6, 0.5)}
+    # `val` (the training archive's validation images) must not stand in for the original test set.
+    in9 = {"val": figures(0.3, 0.3), "original": figures(0.9, 0.8), "mixed_same": figures(0.8, 0.7), "mixed_rand": figures(0.6, 0.5)}
     write_run(tmp_path / "in9", 0, test=None)
     (tmp_path / "in9" / "eval.json").write_text(json.dumps({"schema": "cfrobust.eval/1", "splits": in9, "derived": {"bg_gap": 0.2}}))
     cct = {"cis_test": figures(0.7, 0.1), "trans_test": figures(0.5, 0.1)}
