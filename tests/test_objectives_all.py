@@ -545,7 +545,7 @@ def test_objective_label_smoothing_and_mixup_ce():
 
 def test_mixup_with_the_penalty_takes_the_gradient_on_the_unmixed_images():
     batch, model = _batch(), _conv_model(2)
-    terms, _ = Objective(TrainConfig(mixup=0.4, reg="bbox_o", reg_measure="raw"), torch.Generator().manual_seed(9))(model, batch)
+    terms, _ = Objective(TrainConfig(mixup=0.4, reg="bbox_o", reg_measure="raw", reg_coeff=1.0), torch.Generator().manual_seed(9))(model, batch)
     x = normalize(batch.images).requires_grad_(True)
     mixed, _, _ = mixup(x.detach(), batch.labels, 0.4, torch.Generator().manual_seed(9))
     clean_logits = model(torch.cat([mixed, x]))[4:]  # the unmixed images ride along as extra rows

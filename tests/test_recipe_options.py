@@ -97,7 +97,7 @@ def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained(
            if k not in ("object_region", "reg_measure", "select_by")}
     recorded = TrainConfig.from_dict(old)
     assert (recorded.object_region, recorded.reg_measure, recorded.select_by) == ("box", "raw", "accuracy")
-    assert recorded.describe() == "Sal(bbox_o raw, grad_y, λ=1)"
+    assert recorded.describe() == "Sal(bbox_o raw, grad_y, λ=0.1)"
     assert changed_options(old, TrainConfig(reg="bbox_o")) == ["object_region", "reg_measure", "select_by"]
     assert changed_options(old, recorded) == []
 
