@@ -1,10 +1,13 @@
 """Stream shards into batches: an exact-count reader for training and a read-once one for eval.
 
-Training (DESIGN §8, CRAFT.md): each epoch the shard list is shuffled with a seed shared by all
-ranks and keyed by the epoch, then dealt out by global worker id (rank * workers + worker).
-Every worker yields the same number of full batches, computed up front from the manifest, so
-no rank runs out early and DDP never waits on a peer at the end of an epoch.
-Evaluation: every shard goes to exactly one (rank, worker), so every sample is read once.
+Training: each epoch the shard list is shuffled with a seed shared by all ranks and keyed by the
+epoch, then dealt out by global worker id (rank * workers + worker). A split with fewer shards
+than ranks x workers (a small dataset, or many GPUs), or whose shards would leave a worker
+without a full batch, is split by sample instead: every worker reads all the shards and keeps
+its share of the epoch's seeded sample order (sample_places). Either way every
+worker yields the same number of full batches, computed up front from the manifest, so no rank
+runs out early and DDP never waits on a peer at the end of an epoch.
+Evaluation: every sample goes to exactly one (rank, worker), by shard or by position likewise.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import tarfile
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -103,6 +107,34 @@ def batches_per_worker(shard_counts: list[int], total_workers: int, batch_size: 
     """
     fewest = len(shard_counts) // total_workers
     return sum(sorted(shard_counts)[:fewest]) // batch_size
+
+
+def sample_places(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's sample order when a split is shared out by sample: places[p] is where the p-th
+    sample read this epoch stands in it. Identical on every rank and worker (a pure function of
+    seed and epoch), and a stream of its own, apart from shard_order's."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=(1,))).permutation(count)
+
+
+def batches_per_worker_by_sample(num_samples: int, total_workers: int, batch_size: int) -> int:
+    """Full batches every worker yields when the samples are shared out one by one: each worker
+    gets floor(N / T) or one more, so floor(N / (T x batch)) batches each."""
+    return num_samples // (total_workers * batch_size)
+
+
+def by_sample(num_shards: int, shard_batches: int, total_workers: int) -> bool:
+    """Whether to share a split out by sample rather than by shard: when it has fewer shards than
+    workers, or when the shards would leave a worker without a full batch. Otherwise by shard,
+    which is cheaper: no worker then reads samples that it does not keep."""
+    return num_shards < total_workers or shard_batches == 0
+
+
+def feedable_workers(num_samples: int, world_size: int, workers: int, batch_size: int) -> int:
+    """The most loader workers per rank, up to `workers`, that each get a full batch, sharing the
+    samples out one by one (0 where even one worker per rank gets none)."""
+    while workers > 0 and batches_per_worker_by_sample(num_samples, world_size * workers, batch_size) == 0:
+        workers -= 1
+    return workers
 
 
 def shard_keys(path: Path) -> list[str]:
@@ -264,7 +296,11 @@ def _worker_identity() -> tuple[int, int]:
 
 
 class TrainShards(IterableDataset):
-    """Per-rank training stream: exactly `len(self)` full batches per epoch on every rank."""
+    """Per-rank training stream: exactly `len(self)` full batches per epoch on every rank.
+
+    Build its DataLoader with `self.workers` processes: `num_workers`, lowered with a one-line
+    note where the split cannot give each of them a full batch.
+    """
 
     def __init__(
         self,
@@ -287,28 +323,37 @@ class TrainShards(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.loader_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.experiment = experiment if experiment is not None and experiment.active else None
         self.epoch = 0
-        total_workers = world_size * self.loader_workers
-        names = [s["name"] for s in self.info["shards"]]
-        if not names:
+        if not self.info["shards"]:
             raise UserError(f"{split_dir}: the split holds no samples to train on")
-        if len(names) < total_workers:
-            raise UserError(
-                f"{split_dir}: {len(names)} shards cannot feed {world_size} rank(s) x {self.loader_workers} "
-                f"loader worker(s); use fewer --workers or re-run preprocess with a smaller --shard-size"
-            )
         counts = [s["num_samples"] for s in self.info["shards"]]
         if self.experiment is not None and self.experiment.data_ratio < 1:
             counts = [sum(map(self.experiment.keeps, shard_keys(self.split_dir / s["name"]))) for s in self.info["shards"]]
-        self.per_worker = batches_per_worker(counts, total_workers, batch_size)
-        if self.per_worker == 0:
-            raise UserError(
-                f"{split_dir}: {sum(counts)} samples are too few for batch {batch_size} on "
-                f"{total_workers} worker(s) in all; lower --batch or --workers"
-            )
+        self.num_samples = sum(counts)
+        self.workers = self._feedable(num_workers)  # DataLoader workers (0: the training process reads)
+        self.loader_workers = max(1, self.workers)  # the streams per rank
+        total_workers = world_size * self.loader_workers
+        shard_batches = batches_per_worker(counts, total_workers, batch_size)
+        self.by_sample = by_sample(len(counts), shard_batches, total_workers)
+        self.per_worker = (batches_per_worker_by_sample(self.num_samples, total_workers, batch_size)
+                           if self.by_sample else shard_batches)
+
+    def _feedable(self, num_workers: int) -> int:
+        """`num_workers`, or fewer where the samples cannot fill a batch for each of them."""
+        fed = feedable_workers(self.num_samples, self.world_size, max(1, num_workers), self.batch_size)
+        if fed == 0:
+            fewer = " or run fewer processes" if self.world_size > 1 else ""
+            raise UserError(f"{self.split_dir}: {self.num_samples} samples are too few for batch {self.batch_size} "
+                            f"on {self.world_size} process(es); lower --batch{fewer}")
+        if fed >= num_workers:
+            return num_workers
+        if self.rank == 0:
+            print(f"note: {self.split_dir}: {self.num_samples} samples cannot fill a batch of {self.batch_size} for "
+                  f"each of {self.world_size} process(es) x {num_workers} loader workers; using --workers {fed}",
+                  file=sys.stderr)
+        return fed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -322,20 +367,47 @@ class TrainShards(IterableDataset):
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
         """The batches of one loader worker of this rank (callable directly, for tests)."""
+        if max(1, num_workers) != self.loader_workers:
+            raise ValueError(f"a loader of {num_workers} worker(s) reads a stream made for {self.workers}: "
+                             f"build it with TrainShards.workers")
         total = self.world_size * num_workers
         global_worker = self.rank * num_workers + worker
         names = shard_order([s["name"] for s in self.info["shards"]], self.seed, self.epoch)
-        paths = [self.split_dir / n for n in shards_for_worker(names, global_worker, total)]
+        if self.by_sample:
+            raws = self._share_of(global_worker, total, [self.split_dir / n for n in names])
+        else:
+            raws = self._raw_stream([self.split_dir / n for n in shards_for_worker(names, global_worker, total)])
         rng = np.random.default_rng([self.seed, self.epoch, global_worker])
         # Shuffling undecoded samples keeps the buffer small (JPEG bytes, not pixels); the
         # decode happens per batch, so the order is the same as shuffling decoded samples.
-        raws = _shuffled(self._raw_stream(paths), self.shuffle_buffer, rng)
+        raws = _shuffled(raws, self.shuffle_buffer, rng)
         for _ in range(self.per_worker):
             raw_batch = list(itertools.islice(raws, self.batch_size))
             if len(raw_batch) < self.batch_size:  # the manifest promised more than the tars hold
                 raise UserError(f"{self.split_dir}: the shards hold fewer samples than {INFO_NAME} counts; "
                                 f"`cfrobust shards verify` finds the damage")
             yield collate(self._decoded(raw_batch), self.masks)
+
+    def _share_of(self, global_worker: int, total: int, paths: list[Path]) -> Iterator[dict]:
+        """One worker's share when the split is shared out by sample: every worker reads all the
+        shards, and keeps the samples at places global_worker, + total, + 2 total, ... of the
+        epoch's sample order (sample_places), up to the last place that fills everyone's equal
+        batches. The others (fewer than total x batch) sit this epoch out: which ones changes
+        with the epoch."""
+        places = sample_places(self.num_samples, self.seed, self.epoch)
+        used = self.per_worker * self.batch_size * total
+        read = 0
+        for raw in self._raw_stream(paths):
+            if read == self.num_samples:
+                raise UserError(f"{self.split_dir}: the shards hold more samples than {INFO_NAME} counts; "
+                                f"`cfrobust shards verify` finds the damage")
+            place = places[read]
+            read += 1
+            if place < used and place % total == global_worker:
+                yield raw
+        if read < self.num_samples:
+            raise UserError(f"{self.split_dir}: the shards hold fewer samples than {INFO_NAME} counts; "
+                            f"`cfrobust shards verify` finds the damage")
 
     def _raw_stream(self, paths: list[Path]) -> Iterator[dict]:
         raws = iter_raw_samples(paths, self.cf_methods, self.masks)
@@ -349,7 +421,7 @@ class TrainShards(IterableDataset):
 
 
 class EvalShards(IterableDataset):
-    """Every sample of a split exactly once across all ranks and workers, in manifest order."""
+    """Every sample of a split exactly once across all ranks and workers, each in manifest order."""
 
     def __init__(self, split_dir, batch_size: int, rank: int = 0, world_size: int = 1):
         self.split_dir = Path(split_dir)
@@ -363,9 +435,14 @@ class EvalShards(IterableDataset):
         return self.iter_worker(worker, num_workers)
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
+        """The batches of one loader worker of this rank: its shards, or, where the split has fewer
+        shards than ranks x workers, every (ranks x workers)-th sample of them all from its own."""
         names = [s["name"] for s in self.info["shards"]]
-        mine = shards_for_worker(names, self.rank * num_workers + worker, self.world_size * num_workers)
-        raws = self._counted_samples(mine)
+        global_worker, total = self.rank * num_workers + worker, self.world_size * num_workers
+        if len(names) >= total:
+            raws = self._counted_samples(shards_for_worker(names, global_worker, total))
+        else:  # read to the end all the same: the counts of the shards are checked there
+            raws = itertools.islice(self._counted_samples(names), global_worker, None, total)
         while chunk := list(itertools.islice(raws, self.batch_size)):
             yield collate(decode_many(chunk, [], len(self.info["classes"])))
 

@@ -589,7 +589,8 @@ def test_eval_with_more_workers_than_shards_through_a_dataloader(tmp_path):
     data = HandMade([Record(f"r{i}", image(seed=i), i % 2, []) for i in range(3)])
     preprocess(data, tmp_path, [], shard_size=5, progress=False)  # one shard, two workers
     loader = make_loader(EvalShards(tmp_path / "train", batch_size=2), num_workers=2)
-    assert keys_of(loader) == ["r0", "r1", "r2"]
+    # Shared out by sample: worker 0 reads r0 and r2 (one batch), worker 1 r1; the loader alternates.
+    assert keys_of(loader) == ["r0", "r2", "r1"]
 
 
 # ---------------------------------------------------------------- TrainShards
@@ -651,21 +652,23 @@ def test_train_epoch_changes_the_order_the_same_way_on_all_ranks(shards):
     assert {k: keys_of(v) for k, v in again.items()} == {k: keys_of(v) for k, v in epoch1.items()}
 
 
-def test_train_fewer_shards_than_workers_is_a_user_error(shards):
+def test_train_fewer_shards_than_workers_shares_the_samples_out(shards):
     out, _ = shards
-    # test split: 2 shards, 2 ranks x 2 workers need 4.
-    with pytest.raises(UserError, match=r"2 shards cannot feed 2 rank\(s\) x 2 loader worker\(s\)"):
-        TrainShards(out / "test", 2, CF, SEED, rank=0, world_size=2, num_workers=2)
-    with pytest.raises(UserError, match=r"2 shards cannot feed 1 rank\(s\) x 3 loader worker\(s\)"):
-        TrainShards(out / "test", 2, CF, SEED, num_workers=3)
+    # test split: 2 shards (4 + 3 samples) for 2 ranks x 2 workers: by sample, 7 // (4 x 1) = 1 batch each.
+    data = TrainShards(out / "test", 1, CF, SEED, rank=0, world_size=2, num_workers=2)
+    assert (data.by_sample, data.workers, data.per_worker, len(data)) == (True, 2, 1, 2)
+    # train split: 10 shards for 4 workers, but the two smallest (2 + 4) fill no batch of 7.
+    data = TrainShards(out / "train", 7, CF, SEED, world_size=2, num_workers=2)
+    assert (data.by_sample, data.per_worker) == (True, 1)  # 38 // (4 x 7)
+    assert TrainShards(out / "train", 3, CF, SEED, world_size=2, num_workers=2).by_sample is False
 
 
 def test_train_too_few_samples_for_the_batch_is_a_user_error(shards):
     out, _ = shards
-    with pytest.raises(UserError, match="38 samples are too few for batch 100"):
+    with pytest.raises(UserError, match=r"38 samples are too few for batch 100 on 1 process\(es\); lower --batch$"):
         TrainShards(out / "train", 100, CF, SEED)
-    with pytest.raises(UserError, match="too few for batch 7 on 4 worker"):
-        TrainShards(out / "train", 7, CF, SEED, world_size=2, num_workers=2)
+    with pytest.raises(UserError, match=r"too few for batch 10 on 4 process\(es\); lower --batch or run fewer processes$"):
+        TrainShards(out / "train", 10, CF, SEED, world_size=4, num_workers=2)
 
 
 def test_train_single_process_reads_full_batches(shards):

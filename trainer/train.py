@@ -80,7 +80,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     model, data, parts = build_training(config, info, env)
     state, best_weights = restore(checkpoint, model, parts) if checkpoint is not None else (RunState(), None)
     select_on = selection_split_of(config.shards)
-    loader = make_loader(data, config.workers, pin_memory=env.device.type == "cuda")
+    loader = make_loader(data, data.workers, pin_memory=env.device.type == "cuda")  # --workers, or fewer for small data
 
     def save_mid_epoch() -> None:  # --save-every: rank 0 records where the epoch stands
         saved = checkpoint_state(model, parts, info, state)  # every rank: it gathers their RNG states

@@ -292,7 +292,7 @@ def train_in(env: DistEnv, config: CaganConfig) -> Progress:
     elif config.init:
         load_init(models.generator, config)
     data = TrainShards(split_dir, config.batch, [], config.seed, env.rank, env.world_size, config.workers)
-    stream = BatchStream(data, config.workers, progress.batches, pin_memory=env.device.type == "cuda")
+    stream = BatchStream(data, data.workers, progress.batches, pin_memory=env.device.type == "cuda")  # --workers, or fewer
     trainer = Trainer(config, models, stream, env, progress)
     preview = preview_holes(split_dir, config, models.critics.patch_size, env) if env.is_main and config.sample_every else None
     bar = tqdm(total=config.steps, initial=progress.step, unit="step", desc="cagan", disable=not env.is_main, dynamic_ncols=True)
