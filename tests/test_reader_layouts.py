@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -24,22 +23,10 @@ from cfrobust.errors import UserError
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.manifest import read_info
 from cfrobust.shards.reader import EvalShards, TrainShards, make_loader, sample_places, shard_order
+from test_shards import keys_of
+from test_shards import shard_keys as tar_keys  # keys read with tarfile, independently of the reader
 
 SEED = 5
-
-
-def tar_keys(path: Path) -> list[str]:
-    """Sample keys in a tar, in order, read with tarfile (independently of the reader)."""
-    keys: list[str] = []
-    for name in tarfile.open(path).getnames():
-        key = name.split(".", 1)[0]
-        if not keys or keys[-1] != key:
-            keys.append(key)
-    return keys
-
-
-def keys_of(batches) -> list[str]:
-    return [k for b in batches for k in b.keys]
 
 
 def make_split(folder: Path, train: int, shard_size: int) -> Path:
