@@ -127,7 +127,7 @@ class LoopSteps:
 
     def _endless(self):
         while True:
-            batches = iter(make_loader(self.data, self.config.workers, pin_memory=self.env.device.type == "cuda"))
+            batches = iter(make_loader(self.data, self.data.workers, pin_memory=self.env.device.type == "cuda"))
             try:
                 yield from batches
             finally:
