@@ -3,6 +3,8 @@
 The CLI prints these as a single line without a traceback; everything else is a bug.
 """
 
+import re
+
 
 class UserError(Exception):
     """Bad input: the message names the file, record or option at fault."""
@@ -15,4 +17,4 @@ def user_message(error: UserError) -> str:
     if "Original Traceback" not in text:
         return text
     last = text.rstrip().splitlines()[-1]
-    return last.split(f"{UserError.__module__}.{UserError.__name__}: ", 1)[-1]
+    return re.sub(r"^cfrobust\.[\w.]+: ", "", last)  # UserError or a subclass of it, by its qualified name

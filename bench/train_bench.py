@@ -3,9 +3,13 @@
     python bench/train_bench.py [--arch simple-cnn] [--size 64] [--batch 64] [--device cpu]
                                 [--workers 1] [--steps 20] [--repeats 3] [--block 5]
                                 [--terms erm,cf,f_mrand,f_fgsm,sal] [--json FILE]
+                                [--shards DIR_OR_URL] [--serve-http]
+
+    python bench/train_bench.py --terms erm --serve-http   # ERM from loopback HTTP against the folder
 
     python bench/train_bench.py --size 224 --batch 16 --workers 0 --steps 30 --repeats 4 \
         --terms erm,erm_aug,erm_rrc,f_mrand_box,f_mrand     # what augmentation and masks cost
+
 
 Measured in one run on the same machine: (a) the bare step, forward + backward + SGD step of the
 model on one in-memory batch of the same shape, repeated; (b) the full loop on built-in-dataset
@@ -21,15 +25,22 @@ The loop is train_one_epoch's: the parts build_training makes (masks read when F
 them, the run's augmentation), each batch augmented on the device before optimizer_step.
 Augmented rows also give the augmentation's own time as a share of the ERM loop's, and a row
 with a baseline (BASELINES: masks against boxes, augmentation against none) its time against
-that row's. --json writes the figures for bench/gpu_check.sh.
+that row's. --json writes the figures for bench/gpu_check.sh. --shards reads given shards (a
+folder or a URL) instead of making built-in ones; --serve-http serves the shard folder on a
+loopback HTTP server and adds the row erm_http, ERM streamed from it, with its throughput
+against the ERM loop from the folder (bare-normalised, in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +55,7 @@ import torch
 from cfrobust.datasets import open_dataset
 from cfrobust.preprocess.pipeline import preprocess
 from cfrobust.shards.reader import make_loader, shuffle_ramp_batches, split_info
+from cfrobust.shards.remote import location
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.distributed import DistEnv, setup_distributed
 from cfrobust.trainer.optim import make_optimizer
@@ -121,7 +133,7 @@ class LoopSteps:
 
     def __init__(self, config: TrainConfig, env: DistEnv):
         self.env, self.config = env, config
-        _, self.data, self.parts = build_training(config, split_info(Path(config.shards) / "train"), env)
+        _, self.data, self.parts = build_training(config, split_info(location(config.shards) / "train"), env)
         self.batches = self._endless()
         self.augment_seconds = 0.0  # time inside the augmentation, summed over the timed steps
 
@@ -191,6 +203,23 @@ def timed_block(loop: LoopSteps, steps: int) -> tuple[float, float]:
     return loop.run(steps), loop.augment_seconds
 
 
+def serve_folder(folder: Path) -> str:
+    """Serve a folder on a loopback port with Python's plain file server, in a process of its own
+    (as a remote server would be: not competing with the training process for its GIL); returns
+    its URL. The server ends with this process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(server.terminate)
+    for _ in range(100):  # until it answers
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{port}"
+
+
 def sync(env: DistEnv) -> None:
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
@@ -212,6 +241,9 @@ def main() -> None:
     parser.add_argument("--terms", default=DEFAULT_TERMS, help=f"comma-separated rows of: {', '.join(TERMS)}")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfrobust-train-bench")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--shards", help="read these shards (a folder or a URL) instead of making built-in ones")
+    parser.add_argument("--serve-http", action="store_true", help="also time ERM reading the shard folder from a "
+                        "loopback HTTP server (row erm_http), with its throughput against the folder's")
     args = parser.parse_args()
     env = setup_distributed(args.device)  # the process set up as `cfrobust train` sets it up
     device = env.device
@@ -226,13 +258,16 @@ def main() -> None:
     # restart.
     loop_steps = args.warmup + (steps if args.workers else pairs * steps)
     samples = args.batch * (loop_steps + 2 * max(8, args.workers)) * 5 // 4
-    shards = make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch), args.workers)
+    shards = args.shards or make_shards(args.work, args.size, max(samples, 16 * args.workers * args.batch), args.workers)
+    rows = {name: term_options(name, args.size) for name in args.terms.split(",")}
+    if args.serve_http:  # the same shards, streamed from a loopback server
+        rows["erm_http"] = {"shards": f"{serve_folder(Path(shards).parent)}/{Path(shards).name}"}
     base = dict(shards=str(shards), out="", arch=args.arch, batch=args.batch, workers=args.workers, lr=0.01)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "arch": args.arch, "size": args.size, "batch": args.batch, "workers": args.workers, "loop": {}}
     over_bare, augment_over_bare, bare_times = {}, {}, []
-    for name in args.terms.split(","):
-        config = TrainConfig(**base, **term_options(name, args.size))
+    for name, options in rows.items():
+        config = TrainConfig(**{**base, **options})
         times = paired_times(config, env, args.size, steps, args.warmup, pairs)
         over_bare[name] = [bare / loop for bare, loop, _ in times]
         if any(augment for _, _, augment in times):
@@ -247,6 +282,9 @@ def main() -> None:
     for name in over_bare:
         print(f"{'loop ' + name:40s} {results['loop'][name]:8.1f} images/s   "
               + "; ".join(row_notes(name, over_bare, augment_over_bare, results)))
+    if "erm_http" in over_bare and "erm" in over_bare:
+        results["http_over_folder"] = ratio = statistics.median(over_bare["erm_http"]) / statistics.median(over_bare["erm"])
+        print(f"ERM loop streaming from loopback HTTP: {ratio:.3f}x the images/s of the ERM loop from the folder")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     sys.exit(0)

@@ -19,8 +19,9 @@ def cagan() -> None:
 # Defaults repeat CaganConfig's (preprocess/cagan/train.py), so that --help does not import torch;
 # tests/test_cagan_train.py checks that the two agree.
 @cagan.command(short_help="Train the inpainter on shards (background holes, WGAN-GP).")
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Shard root made by `cfrobust preprocess`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Generator weights to write (OUT.state and OUT.samples/ go beside it).")
+@click.option("--shards", required=True, help="Shard root made by `cfrobust preprocess`: a folder or a URL.")
+@click.option("--out", required=True, help="Generator weights to write (OUT.state and OUT.samples/ go beside it); "
+              "a URL of a writable store (s3://, gs://, any fsspec protocol) uploads each once written.")
 @click.option("--split", default="train", show_default=True, help="Split of --shards to train on.")
 @click.option("--steps", default=100_000, show_default=True, type=int, help="Generator updates in all (each after --critic-steps critic updates).")
 @click.option("--batch", default=16, show_default=True, type=int, help="Images per batch and process.")
@@ -36,6 +37,7 @@ def cagan() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, or cuda:N.")
 @click.option("--workers", default=2, show_default=True, type=int, help="DataLoader worker processes per training process.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "32", "bf16"]), help="auto: bf16 autocast on GPU, fp32 on CPU.")
+@click.option("--cache-dir", default="", help="With a URL --shards: keep each shard here once its sha256 matches the manifest; later epochs read the copy.")
 @click.option("--init", default="", help="Start from these generator weights: a .pt from `cagan train`/`cagan import`, or a TF checkpoint.")
 def train(**options) -> None:
     """Train the CAGAN generator to complete image backgrounds: each training image gets a random

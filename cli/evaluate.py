@@ -11,7 +11,9 @@ from cfrobust.cli.options import comma_list
 
 @click.command(name="eval", context_settings={"max_content_width": 100})
 @click.option("--checkpoint", required=True, help="A checkpoint written by `cfrobust train` (best.pt, last.pt).")
-@click.option("--shards", required=True, help="Shard root holding the split folders to score.")
+@click.option("--shards", required=True, help="Shard root holding the split folders to score: a folder or a URL "
+              "(https://, s3://, gs://, any fsspec protocol, or 'pipe:COMMAND' with {} for the file's path).")
+@click.option("--cache-dir", default=None, help="With a URL --shards: keep each shard read here once its sha256 matches the manifest.")
 @click.option("--out", required=True, help="Where to write the eval JSON (schema cfrobust.eval/1).")
 @click.option("--splits", default="", help="Comma-separated splits to score  [default: every split but train]")
 @click.option(
@@ -29,7 +31,7 @@ from cfrobust.cli.options import comma_list
 @click.option("--batch", default=256, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
-def evaluate(checkpoint, shards, out, splits, ood, ood_samples, ood_seed, saliency_focus, batch, device, workers) -> None:
+def evaluate(checkpoint, shards, cache_dir, out, splits, ood, ood_samples, ood_seed, saliency_focus, batch, device, workers) -> None:
     """Score a checkpoint on shard splits: accuracy, loss, ECE, AUROC, AUPR, per-group and
     worst-group accuracy, the dataset's headline figures; optionally OOD detection of noise
     images and saliency focus. Runs under torchrun too (each split is read once in all)."""
@@ -38,6 +40,7 @@ def evaluate(checkpoint, shards, out, splits, ood, ood_samples, ood_seed, salien
     document = evaluate_checkpoint(
         checkpoint, shards, comma_list(splits) or None, out, batch, device, workers,
         ood=comma_list(ood), ood_samples=ood_samples, ood_seed=ood_seed, saliency_focus=saliency_focus,
+        cache_dir=cache_dir,
     )
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

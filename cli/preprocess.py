@@ -34,7 +34,8 @@ existing = click.Path(exists=True, path_type=Path)
 
 @click.command(context_settings={"max_content_width": 100})
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True, help="Source format (see README).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Shard root to create (OUT/<split>/).")
+@click.option("--out", required=True, help="Shard root to create (OUT/<split>/): a folder, or a URL of a writable store "
+              "(s3://, gs://, any fsspec protocol), where each shard is uploaded once complete.")
 @click.option("--root", type=existing, help="Dataset folder (waterbirds, cct, folder); in9/in9l: the test-set release (its bg_challenge folder, or the folder holding it).")
 @click.option("--cf", default="tile", show_default=True, help="Counterfactual fills to precompute, comma-separated (mean, random, shuffle, tile, telea, ns, cagan) or none.")
 @click.option("--cagan-weights", type=existing, help="cagan: generator weights from `cfrobust cagan train` or `cfrobust cagan import`.")
@@ -73,7 +74,9 @@ def preprocess(
     from cfrobust.datasets import open_dataset
     from cfrobust.preprocess.cagan.inpaint import CaganSettings
     from cfrobust.preprocess.pipeline import preprocess as run_preprocess
+    from cfrobust.shards.remote import location
 
+    out = location(out)  # a Path, or a URL
     methods = comma_list(cf)
     if cagan_weights and "cagan" not in methods:
         raise UserError("--cagan-weights is only used with --cf cagan")

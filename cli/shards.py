@@ -19,16 +19,18 @@ def shards() -> None:
 
 
 @shards.command(short_help="Check shards against their manifests.")
-@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
-def verify(directory: Path) -> None:
-    """Check every shard of DIR (a shard root or one split folder) against its manifest:
-    file present, sha256, complete tar, sample count, required parts, unique keys.
+@click.argument("directory", metavar="DIR")
+def verify(directory: str) -> None:
+    """Check every shard of DIR (a shard root or one split folder, local or a URL) against its
+    manifest: file present, sha256, complete tar, sample count, required parts, unique keys.
 
     Leftover *.tmp files and unlisted .tar files are reported as warnings; exit status 1 means
     at least one problem."""
     from cfrobust.shards.manifest import read_info
+    from cfrobust.shards.remote import location
     from cfrobust.shards.verify import stray_files, unlisted_splits, verify_dirs, verify_split
 
+    directory = location(directory)  # a Path, or a URL
     unlisted = unlisted_splits(directory)
     for problem in unlisted:
         click.echo(problem)

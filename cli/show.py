@@ -8,7 +8,7 @@ from cfrobust.cli.options import comma_list
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--shards", required=True, help="Shard root made by `cfrobust preprocess`.")
+@click.option("--shards", required=True, help="Shard root made by `cfrobust preprocess`: a folder or a URL.")
 @click.option("--split", default="train", show_default=True, help="Split to draw samples from.")
 @click.option("-n", "count", default=16, show_default=True, help="Samples (rows); all of the split if it holds fewer.")
 @click.option("--seed", default=0, show_default=True, help="Picks the samples and the factuals' randomness.")

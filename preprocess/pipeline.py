@@ -29,6 +29,7 @@ from cfrobust.preprocess.fills import FILLS, RANDOM_FILLS, record_rng
 from cfrobust.preprocess.images import RecordError, binarize, load_mask, load_rgb, mask_box, resize
 from cfrobust.preprocess.progress import SplitProgress
 from cfrobust.shards.manifest import write_info
+from cfrobust.shards.remote import RemoteOutput, is_url, location
 from cfrobust.shards.schema import (
     IMAGE_EXT,
     INFO_NAME,
@@ -69,6 +70,7 @@ class Job:
     rank: int = 0
     world_size: int = 1
     cagan: CaganSettings | None = None
+    remote: RemoteOutput | None = None  # --out URL: each finished file is uploaded there
 
     def identity(self) -> dict:
         """What fixes the samples written (recorded in manifests and resume journals)."""
@@ -128,18 +130,36 @@ def preprocess(
     if resume and overwrite:
         raise UserError("--resume keeps earlier output and --overwrite deletes it: choose one")
     check_counts(size, shard_size, workers, world_size)
+    remote = remote_output(out, world_size)
+    if remote is not None:
+        out = remote.staging  # built here, uploaded file by file
     check_output_folder(Path(out))
     cf_methods = list(dict.fromkeys(cf_methods))  # --cf tile,tile stores one tile
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
     job = Job(
         dataset, Path(out), tuple(cf_methods), size or dataset.default_size, shard_size, strict, rank, world_size,
-        cagan if "cagan" in cf_methods else None,
+        cagan if "cagan" in cf_methods else None, remote,
     )
-    fill = CaganFill(job.cagan) if job.cagan else None  # loaded before any output is claimed: bad weights stop early
-    for split in dataset.splits:
-        claim_output(job, split, overwrite, resume)
-    return [write_split(job, split, resume, workers, progress, fill) for split in dataset.splits]
+    try:
+        fill = CaganFill(job.cagan) if job.cagan else None  # loaded before any output is claimed: bad weights stop early
+        for split in dataset.splits:
+            claim_output(job, split, overwrite, resume)
+        return [write_split(job, split, resume, workers, progress, fill) for split in dataset.splits]
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def remote_output(out, world_size: int) -> RemoteOutput | None:
+    """For a URL --out: where its files are built before they are uploaded (a fresh folder
+    under the system's temporary folder, $TMPDIR); None for a local --out."""
+    if not is_url(str(out)):
+        return None
+    if world_size > 1:
+        raise UserError(f"--out {out}: several processes write a local or shared folder; a URL takes one "
+                        f"(--world-size 1), or upload the merged folder afterwards")
+    return RemoteOutput(location(str(out)))
 
 
 def check_counts(size: int | None, shard_size: int, workers: int, world_size: int) -> None:
@@ -168,6 +188,9 @@ def check_same_job(job: Job, recorded: dict, where: Path) -> None:
 def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
     """Refuse to touch earlier output unless asked: --overwrite deletes this process's files,
     --resume keeps them; other processes' files in a shared split folder are never touched."""
+    if job.remote is not None:
+        claim_remote_output(job, split, overwrite, resume)
+        return
     existing = job.own_files(split)
     if existing and overwrite:
         for path in existing:
@@ -177,6 +200,24 @@ def claim_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
             f"{job.out / split} already holds output; pass --resume to continue it, --overwrite to replace it, "
             f"or choose another --out"
         )
+
+
+def claim_remote_output(job: Job, split: str, overwrite: bool, resume: bool) -> None:
+    """The same for a URL --out, judged by its manifest and journal: --resume downloads them
+    (the shards the journal lists stay remote), --overwrite deletes them."""
+    names = [job.manifest(split).name, job.journal(split).name]
+    existing = [name for name in names if job.remote.has(f"{split}/{name}")]
+    if existing and overwrite:
+        for name in existing:
+            job.remote.remove(f"{split}/{name}")
+    elif existing and not resume:
+        raise UserError(
+            f"{job.remote.root / split} already holds output; pass --resume to continue it, --overwrite to replace it, "
+            f"or choose another --out"
+        )
+    elif existing:
+        for name in existing:
+            job.remote.pull(f"{split}/{name}")
 
 
 def write_split(
@@ -191,14 +232,15 @@ def write_split(
     split_dir.mkdir(parents=True, exist_ok=True)
     for temporary in split_dir.glob(job.shard_prefix(split) + "*.tmp"):
         temporary.unlink()  # a shard the crash interrupted; it is redone
-    done = SplitProgress.load(job.journal(split), job.identity())
+    present = None if job.remote is None else (lambda shard: job.remote.has(f"{split}/{shard['name']}"))
+    done = SplitProgress.load(job.journal(split), job.identity(), present)
     if done.recorded_job is not None:
         check_same_job(job, done.recorded_job, job.journal(split))
     summary = SplitSummary(split, sum(s["num_samples"] for s in done.shards), list(done.skipped), len(done.shards))
     pending = PendingShard(consumed=done.consumed)
     writer = ShardWriter(
         split_dir, split, job.shard_size, first_index=len(done.shards), rank=job.rank, world_size=job.world_size,
-        on_shard=lambda entry: done.add_shard(entry, pending.consumed, *pending.take()),
+        on_shard=lambda entry: shard_done(job, split, entry, done, pending),
     )
     seen, groups = set(done.keys), Counter(done.groups)
     records = itertools.islice(my_records(job, split), done.consumed, None)
@@ -233,7 +275,17 @@ def write_split(
         bar.close()
     write_manifest(job, split, done.shards, summary, groups)
     job.journal(split).unlink(missing_ok=True)
+    if job.remote is not None:
+        job.remote.remove(f"{split}/{job.journal(split).name}")
     return summary
+
+
+def shard_done(job: Job, split: str, entry: dict, done: SplitProgress, pending: "PendingShard") -> None:
+    """Journal a finished shard; for a URL --out, upload it, then the journal that lists it."""
+    done.add_shard(entry, pending.consumed, *pending.take())
+    if job.remote is not None:
+        job.remote.publish(job.out / split / entry["name"], keep_local=False)
+        job.remote.publish(job.journal(split))
 
 
 @dataclass
@@ -267,6 +319,8 @@ def write_manifest(job: Job, split: str, shards: list[dict], summary: SplitSumma
     }
     if job.world_size == 1:
         write_info(job.out / split, info)
+        if job.remote is not None:
+            job.remote.publish(job.out / split / INFO_NAME)
         return
     write_info(job.out / split, {**info, "rank": job.rank, "world_size": job.world_size}, name=job.manifest(split).name)
     merge_when_complete(job, split, refresh=True)

@@ -30,8 +30,9 @@ class SplitProgress:
     skipped: list[dict] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path, job: dict) -> "SplitProgress":
-        """The journal's shards up to the first one that is missing or altered on disk."""
+    def load(cls, path: Path, job: dict, present=None) -> "SplitProgress":
+        """The journal's shards up to the first one that is missing or altered on disk (or, with
+        `present`, up to the first entry for which `present(shard entry)` is false)."""
         progress = cls(path, job)
         if not path.exists():
             return progress
@@ -44,7 +45,10 @@ class SplitProgress:
                 progress.recorded_job = entry["job"]
                 continue
             shard = path.parent / entry["shard"]["name"]
-            if not shard.is_file() or sha256_of(shard) != entry["shard"]["sha256"]:
+            if present is not None:
+                if not present(entry["shard"]):
+                    break
+            elif not shard.is_file() or sha256_of(shard) != entry["shard"]["sha256"]:
                 break
             progress._absorb(entry)
         return progress

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from cfrobust.errors import UserError
+from cfrobust.shards.remote import MissingFile, is_url, list_remote_splits, location
 from cfrobust.shards.schema import INFO_NAME, SCHEMA
 
 
@@ -20,12 +21,16 @@ def write_info(split_dir: Path, info: dict, name: str = INFO_NAME) -> None:
 
 
 def read_info(split_dir) -> dict:
-    path = Path(split_dir) / INFO_NAME
-    if not path.is_file():
-        raise UserError(f"{split_dir}: no {INFO_NAME} here; run `cfrobust preprocess` to make shards")
+    """A split's manifest, from a local folder or a remote one (`split_dir` a path or a URL)."""
+    path = location(split_dir) / INFO_NAME
+    missing = f"{split_dir}: no {INFO_NAME} here; run `cfrobust preprocess` to make shards"
+    if not is_url(path) and not path.is_file():
+        raise UserError(missing)
     try:
         info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except MissingFile:
+        raise UserError(missing) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(info, dict) or info.get("schema") != SCHEMA:
         found = info.get("schema") if isinstance(info, dict) else type(info).__name__
@@ -49,7 +54,9 @@ def check_fields(path: Path, info: dict) -> None:
 
 def list_splits(root) -> list[str]:
     """Names of the split folders under a shard root that hold a manifest, in a stable order."""
-    root = Path(root)
+    root = location(root)
+    if is_url(root):
+        return _in_split_order(_remote_splits(root))
     if not root.is_dir():
         raise UserError(f"{root}: a file, not a shard folder" if root.exists() else f"{root}: no such shard folder")
     if (root / INFO_NAME).is_file():
@@ -57,5 +64,18 @@ def list_splits(root) -> list[str]:
     names = sorted(p.name for p in root.iterdir() if (p / INFO_NAME).is_file())
     if not names:
         raise UserError(f"{root}: no shards here (no <split>/{INFO_NAME}); run `cfrobust preprocess` first")
+    return _in_split_order(names)
+
+
+def _remote_splits(root) -> list[str]:
+    if (root / INFO_NAME).is_file():
+        raise UserError(f"{root} is one split's folder; pass the shard root above it to --shards")
+    names = list_remote_splits(root, INFO_NAME)
+    if not names:
+        raise UserError(f"{root}: no shards here (no <split>/{INFO_NAME}); run `cfrobust preprocess` first")
+    return names
+
+
+def _in_split_order(names: list[str]) -> list[str]:
     order = {"train": 0, "val": 1, "test": 2}
     return sorted(names, key=lambda n: (order.get(n, 3), n))

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cfrobust.errors import UserError
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import read_info
+from cfrobust.shards.remote import is_url, location, with_sha256
 from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.shards.schema import (
     IMAGE_EXT, INFO_NAME, MASK_EXT, META_EXT, boxes_to_mask, cf_ext, decode_gray, decode_rgb, required_exts,
@@ -82,12 +83,22 @@ class Batch:
 
 
 def split_info(split_dir) -> dict:
-    """The manifest, checked against the shards it names."""
+    """The manifest, checked against the shards it names (in a local folder: a remote shard that
+    is missing is named when it is read, rather than asked after one by one up front)."""
     info = read_info(split_dir)
+    if is_url(split_dir):
+        return info
     for shard in info["shards"]:
         if not (Path(split_dir) / shard["name"]).is_file():
             raise UserError(f"{split_dir}: shard {shard['name']} listed in the manifest is missing")
     return info
+
+
+def shard_paths(split_dir, info: dict, names: list[str]) -> list:
+    """Where the named shards of a split are: paths, or URLs that carry the manifest's sha256
+    (what a --cache-dir copy is checked against)."""
+    digests = {s["name"]: s.get("sha256") for s in info["shards"]}
+    return [with_sha256(split_dir / name, digests.get(name)) for name in names]
 
 
 def shard_order(names: list[str], seed: int, epoch: int) -> list[str]:
@@ -139,6 +150,8 @@ def feedable_workers(num_samples: int, world_size: int, workers: int, batch_size
 
 def shard_keys(path: Path) -> list[str]:
     """The sample keys of a shard, from its member names alone (the payloads are skipped)."""
+    if is_url(path):
+        return sorted({sample["__key__"] for sample in iter_tar_samples(path, wanted_exts=())})
     with tarfile.open(path) as archive:
         return sorted({name.split(".", 1)[0] for name in archive.getnames()})
 
@@ -315,7 +328,7 @@ class TrainShards(IterableDataset):
         experiment: DataExperiment | None = None,
         masks: bool = False,
     ):
-        self.split_dir = Path(split_dir)
+        self.split_dir = location(split_dir)
         self.masks = masks  # read KEY.mask.png and give batches their object regions
         self.info = split_info(split_dir)
         self.batch_size = batch_size
@@ -330,7 +343,8 @@ class TrainShards(IterableDataset):
             raise UserError(f"{split_dir}: the split holds no samples to train on")
         counts = [s["num_samples"] for s in self.info["shards"]]
         if self.experiment is not None and self.experiment.data_ratio < 1:
-            counts = [sum(map(self.experiment.keeps, shard_keys(self.split_dir / s["name"]))) for s in self.info["shards"]]
+            paths = shard_paths(self.split_dir, self.info, [s["name"] for s in self.info["shards"]])
+            counts = [sum(map(self.experiment.keeps, shard_keys(path))) for path in paths]
         self.num_samples = sum(counts)
         self.workers = self._feedable(num_workers)  # DataLoader workers (0: the training process reads)
         self.loader_workers = max(1, self.workers)  # the streams per rank
@@ -374,9 +388,10 @@ class TrainShards(IterableDataset):
         global_worker = self.rank * num_workers + worker
         names = shard_order([s["name"] for s in self.info["shards"]], self.seed, self.epoch)
         if self.by_sample:
-            raws = self._share_of(global_worker, total, [self.split_dir / n for n in names])
+            raws = self._share_of(global_worker, total, shard_paths(self.split_dir, self.info, names))
         else:
-            raws = self._raw_stream([self.split_dir / n for n in shards_for_worker(names, global_worker, total)])
+            mine = shards_for_worker(names, global_worker, total)
+            raws = self._raw_stream(shard_paths(self.split_dir, self.info, mine))
         rng = np.random.default_rng([self.seed, self.epoch, global_worker])
         # Shuffling undecoded samples keeps the buffer small (JPEG bytes, not pixels); the
         # decode happens per batch, so the order is the same as shuffling decoded samples.
@@ -424,7 +439,7 @@ class EvalShards(IterableDataset):
     """Every sample of a split exactly once across all ranks and workers, each in manifest order."""
 
     def __init__(self, split_dir, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.split_dir = Path(split_dir)
+        self.split_dir = location(split_dir)
         self.info = split_info(split_dir)
         self.batch_size = batch_size
         self.rank = rank
@@ -452,7 +467,7 @@ class EvalShards(IterableDataset):
         promised = {s["name"]: s["num_samples"] for s in self.info["shards"]}
         for name in names:
             read = 0
-            for raw in iter_raw_samples([self.split_dir / name], []):
+            for raw in iter_raw_samples(shard_paths(self.split_dir, self.info, [name]), []):
                 read += 1
                 yield raw
             if read != promised[name]:

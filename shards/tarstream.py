@@ -8,11 +8,16 @@ WebDataset tars that any tar reader understands; `cfrobust shards verify` checks
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import BinaryIO, Collection, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Collection, Iterator
 
 from cfrobust.errors import UserError
+from cfrobust.shards.remote import open_shard
+
+if TYPE_CHECKING:
+    from cfrobust.shards.remote import Remote
 
 BLOCK = 512
 # Sizes above this are checked against what is left of the file before they are read: a damaged
@@ -49,7 +54,7 @@ def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -
             return  # end-of-archive marker (or a short file: `shards verify` reports those)
         name, size, kind = header_fields(block)
         padded = size + (-size % BLOCK)
-        if padded > SUSPECT_SIZE and padded > os.fstat(stream.fileno()).st_size - stream.tell():
+        if padded > SUSPECT_SIZE and padded > _file_size(stream) - stream.tell():
             raise ValueError(f"a member of {size} bytes runs past the end of the file")
         if kind in _REGULAR:
             head, slash, tail = (pending_name or name).rpartition("/")
@@ -69,6 +74,15 @@ def iter_members(stream: BinaryIO, wanted_exts: Collection[str] | None = None) -
             pending_name = None
 
 
+def _file_size(stream) -> int:
+    """The size of the file behind a stream: a local file's, or a remote one's as its server gave it."""
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (OSError, ValueError, io.UnsupportedOperation):
+        size = getattr(getattr(stream, "raw", None), "size", None)
+        return size if size is not None else SUSPECT_SIZE << 10
+
+
 def _pax_path(data: bytes) -> str | None:
     for record in data.split(b"\n"):
         _, _, field = record.partition(b" ")
@@ -78,14 +92,14 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_samples(path: Path, wanted_exts: Collection[str] | None = None) -> Iterator[dict]:
+def iter_tar_samples(path: "Path | Remote", wanted_exts: Collection[str] | None = None) -> Iterator[dict]:
     """WebDataset samples of one shard: {"__key__", "__url__", ext: bytes, ...}, consecutive
     members with the same key grouped; with `wanted_exts`, samples carry only those parts (a
     sample with none of them is still yielded, bare, so that its reader can name what is
     missing). A damaged header is reported as the file's fault in one line."""
     sample: dict = {}
     url = str(path)
-    with open(path, "rb", buffering=1 << 20) as stream:
+    with open_shard(path) as stream:  # a local file, or a remote one streamed with retries
         try:
             for key, ext, data in iter_members(stream, wanted_exts):
                 if not sample or sample["__key__"] != key:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from cfrobust.errors import UserError
 from cfrobust.files import resolved_paths
 from cfrobust.shards.manifest import list_splits, read_info, write_info
+from cfrobust.shards.remote import MissingFile, is_url, location, open_shard
 from cfrobust.shards.schema import INFO_NAME, META_EXT, SCHEMA, part_info_name, required_exts
 from cfrobust.shards.tarstream import iter_tar_samples
 
@@ -33,10 +34,10 @@ _ZERO_BLOCK = bytes(_BLOCK)
 
 def verify_dirs(path) -> list[Path]:
     """The split folders `verify` checks: PATH itself when it holds a manifest, else its splits."""
-    path = Path(path)
+    path = location(path)
     if (path / INFO_NAME).is_file():
         return [path]
-    if part_files(path):
+    if not is_url(path) and part_files(path):
         raise UserError(f"{path}: only partial manifests here; run `cfrobust shards merge {path}` first")
     return [path / name for name in list_splits(path)]
 
@@ -44,9 +45,9 @@ def verify_dirs(path) -> list[Path]:
 def unlisted_splits(path) -> list[str]:
     """Problems for the folders under a shard root that hold shards or partial manifests but no
     manifest (an interrupted or unmerged preprocess): every other command skips such a split."""
-    path = Path(path)
-    if (path / INFO_NAME).is_file() or not path.is_dir():
-        return []
+    path = location(path)
+    if is_url(path) or (path / INFO_NAME).is_file() or not path.is_dir():
+        return []  # a remote root is not listed: its splits are what their manifests say
     problems = []
     for folder in sorted((p for p in path.iterdir() if p.is_dir() and not (p / INFO_NAME).is_file()), key=split_order):
         if part_files(folder):
@@ -80,7 +81,7 @@ def split_order(folder: Path) -> tuple[int, str]:
 
 def verify_split(split_dir, progress: bool = False) -> list[str]:
     """Every problem with one split folder's shards, one line each (empty when all is well)."""
-    split_dir = Path(split_dir)
+    split_dir = location(split_dir)
     info = read_info(split_dir)
     entries = manifest_entries(split_dir, info)
     problems = []
@@ -111,10 +112,12 @@ def check_shard(split_dir: Path, entry: dict, cf_methods: list[str], seen: dict[
     """Problems with one shard: presence, tar structure, hash, sample count and samples."""
     where = f"{split_dir.name}/{entry['name']}"
     path = split_dir / entry["name"]
-    if not path.is_file():
+    if not is_url(path) and not path.is_file():
         return [f"{where}: listed in {INFO_NAME} but missing"]
     try:
         samples, sha256 = read_shard(path)
+    except MissingFile:
+        return [f"{where}: listed in {INFO_NAME} but missing ({path})"]
     except _BrokenTar as exc:
         return [f"{where}: {exc}"]  # a broken file also fails its hash; the cause is what helps
     except OSError as exc:
@@ -162,7 +165,9 @@ def meta_problems(key: str, data: bytes) -> list[str]:
 def stray_files(split_dir) -> list[str]:
     """Leftovers that do not make a split wrong: temporary files of an interrupted run and
     tar files the manifest does not list (readers only open what it lists)."""
-    split_dir = Path(split_dir)
+    split_dir = location(split_dir)
+    if is_url(split_dir):
+        return []  # nothing to list remotely: readers only open what the manifest names anyway
     listed = {entry.get("name") for entry in read_info(split_dir).get("shards", []) if isinstance(entry, dict)}
     warnings = []
     for path in sorted(split_dir.iterdir()):
@@ -207,7 +212,7 @@ def read_shard(path: Path) -> tuple[list[tuple[str, dict]], str]:
     name before the first dot of their file name form one sample.
     """
     samples: list[tuple[str, dict]] = []
-    with open(path, "rb") as file:
+    with open_shard(path) as file:
         reader = _HashingReader(file)
         for name, data in tar_members(reader):
             folder, _, base = name.rpartition("/")

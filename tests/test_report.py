@@ -159,7 +159,7 @@ def test_nested_number_prefers_the_longest_key_and_wants_a_number():
         ("garbage", ["bad", "--out", "-"], "bad/config.json: unreadable (JSONDecodeError: "),
         ("foreign", ["bad", "--out", "-"], "bad/config.json: not a cfrobust run config (made by `cfrobust train`)"),
         ("foreign_eval", ["bad", "--out", "-"], "bad/eval.json: not a cfrobust.eval/1 document"),
-        ("run", ["bad", "--by", "colour", "--out", "-"], "--by 'colour': not a config field (fields: shards, out, "),
+        ("run", ["bad", "--by", "colour", "--out", "-"], "--by 'colour': not a config field (fields: shards, cache_dir, out, "),
         ("run", ["bad", "--out", "table.txt"], "--out table.txt: unknown extension '.txt'; use .md, .csv or .json, or pass --format"),
         ("other_run", ["bad", "--out", "other/eval.json"], "--out other/eval.json is a file of the run in other; choose another --out"),
     ],

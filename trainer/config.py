@@ -124,7 +124,10 @@ def option(default, help: str, choices=None):  # noqa: A002 - mirrors click's na
 
 @dataclass
 class TrainConfig:
-    shards: str = option("", "Shard root made by `cfrobust preprocess` (holds train/, val/, ...).")
+    shards: str = option("", "Shard root made by `cfrobust preprocess` (holds train/, val/, ...): a folder, or a URL "
+                         "(https://, s3://, gs://, any fsspec protocol, or 'pipe:COMMAND' with {} for the file's path).")
+    cache_dir: str = option("", "With a URL --shards: keep each shard here once its sha256 matches the manifest; "
+                            "later epochs read the copy ('': stream every epoch).")
     out: str = option("", "Run folder to create: config.json, metrics.jsonl, checkpoints/, eval.json.")
     arch: str = option("resnet50", "Model architecture.", ARCHS)
     pretrained: str = option("", "Initial weights: '' (random), 'torchvision', a state-dict .pt file, or a BiT .npz file.")

@@ -19,6 +19,7 @@ from cfrobust.errors import UserError
 from cfrobust.outputs import check_output_file
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import EvalShards, make_loader
+from cfrobust.shards.remote import is_url, location
 from cfrobust.shards.schema import INFO_NAME
 from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.derived import derived_figures
@@ -100,7 +101,7 @@ def evaluate_splits(
     every split as in-distribution, `ood_samples` images each (default: as many as the split);
     `saliency_focus`: add the mean saliency focus of the split's samples with boxes."""
     kinds = check_noise_kinds(list(ood))
-    predictions = {s: predict(model, Path(shards_root) / s, env, batch_size, workers, num_classes, saliency_focus, image_size)
+    predictions = {s: predict(model, location(shards_root) / s, env, batch_size, workers, num_classes, saliency_focus, image_size)
                    for s in splits}
     results = {}
     for split, pred in predictions.items():
@@ -125,7 +126,7 @@ def add_ood_figures(results, predictions, model, shards_root, env, num_classes, 
     need: dict[int, int] = {}  # image size -> noise images needed
     for split, pred in predictions.items():
         if len(pred["labels"]):
-            size = read_info(Path(shards_root) / split)["size"]
+            size = read_info(location(shards_root) / split)["size"]
             need[size] = max(need.get(size, 0), ood_samples or len(pred["labels"]))
 
     def score(images: torch.Tensor) -> np.ndarray:
@@ -141,17 +142,19 @@ def add_ood_figures(results, predictions, model, shards_root, env, num_classes, 
         model.train(was_training)
     for split, pred in predictions.items():
         if len(pred["labels"]):
-            size, count = read_info(Path(shards_root) / split)["size"], ood_samples or len(pred["labels"])
+            size, count = read_info(location(shards_root) / split)["size"], ood_samples or len(pred["labels"])
             results[split]["ood"] = {k: ood_detection(pred["anomaly"], noise[k, size][:count]) for k in kinds}
 
 
 def evaluate_checkpoint(
     checkpoint, shards, splits, out, batch_size=256, device="auto", workers=0,
-    *, ood=(), ood_samples=None, ood_seed=0, saliency_focus=False,
+    *, ood=(), ood_samples=None, ood_seed=0, saliency_focus=False, cache_dir=None,
 ) -> dict:
-    """`cfrobust eval`: score a saved checkpoint on shard splits and write the eval JSON."""
+    """`cfrobust eval`: score a saved checkpoint on shard splits and write the eval JSON.
+    `shards` is a folder or a URL (remote shards are kept in `cache_dir` when given)."""
     check_noise_kinds(list(ood))  # before any work
-    check_eval_output(Path(out), Path(checkpoint), Path(shards))
+    shards = location(shards, cache_dir) if is_url(shards) else shards
+    check_eval_output(Path(out), Path(checkpoint), location(shards))
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch {batch_size} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
     if ood_samples is not None and ood_samples < 1:
@@ -190,7 +193,7 @@ def check_eval_output(out: Path, checkpoint: Path, shards: Path) -> None:
     """--out may replace an earlier eval JSON, and nothing else: not the checkpoint, nothing
     under --shards, no other file (a manifest, a shard, another checkpoint)."""
     check_output_file(out, [checkpoint])
-    if shards.exists() and (out.resolve() == shards.resolve() or shards.resolve() in out.resolve().parents):
+    if not is_url(shards) and shards.exists() and (out.resolve() == shards.resolve() or shards.resolve() in out.resolve().parents):
         raise UserError(f"--out {out} lies inside --shards {shards}; write the eval JSON elsewhere")
     if out.is_file() and not is_eval_document(out):
         raise UserError(f"--out {out} exists and is not an eval JSON; --out replaces only an earlier one: choose another")
@@ -206,15 +209,15 @@ def is_eval_document(path: Path) -> bool:
 def check_classes(checkpoint, classes: list[str], shards, splits: list[str]) -> None:
     """The model's classes are the shards' (the same names in the same order): logit k is class k."""
     for split in splits:
-        found = read_info(Path(shards) / split)["classes"]
+        found = read_info(location(shards) / split)["classes"]
         if list(found) != list(classes):
-            raise UserError(f"{checkpoint}: trained on classes {list(classes)}, but {Path(shards) / split} has {list(found)}")
+            raise UserError(f"{checkpoint}: trained on classes {list(classes)}, but {location(shards) / split} has {list(found)}")
 
 
 def eval_document(checkpoint, config: dict, splits: dict, shards_root) -> dict:
     """The eval JSON: per-split figures plus the dataset's headline figures (see derived.py).
     `dataset` names the source the shards were made from (their manifest), when known."""
-    train_dir = Path(shards_root) / "train"
+    train_dir = location(shards_root) / "train"
     train_info = read_info(train_dir) if (train_dir / INFO_NAME).is_file() else None
     document = {
         "schema": EVAL_SCHEMA,

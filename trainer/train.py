@@ -29,6 +29,7 @@ from cfrobust.outputs import check_output_folder, check_replaceable, remove_fold
 from cfrobust.shards.experiments import DataExperiment
 from cfrobust.shards.manifest import list_splits, read_info
 from cfrobust.shards.reader import TrainShards, make_loader, split_info
+from cfrobust.shards.remote import is_url, location
 from cfrobust.trainer.augment import Augmentation
 from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 from cfrobust.trainer.config import PREDATED, RUN_FILES, TrainConfig
@@ -79,7 +80,7 @@ def train_in(env: DistEnv, config: TrainConfig):
         prepare_run_folder(out, config, resuming=checkpoint is not None)
     model, data, parts = build_training(config, info, env)
     state, best_weights = restore(checkpoint, model, parts) if checkpoint is not None else (RunState(), None)
-    select_on = selection_split_of(config.shards)
+    select_on = selection_split_of(shard_root(config))
     loader = make_loader(data, data.workers, pin_memory=env.device.type == "cuda")  # --workers, or fewer for small data
 
     def save_mid_epoch() -> None:  # --save-every: rank 0 records where the epoch stands
@@ -102,10 +103,10 @@ def train_in(env: DistEnv, config: TrainConfig):
                 save_epoch(out, state, saved, is_best=improved)
             log.epoch_done(record)
     model.load_state_dict(best_weights)
-    results = evaluate_splits(model, config.shards, [s for s in splits if s != "train"], env,
+    results = evaluate_splits(model, shard_root(config), [s for s in splits if s != "train"], env,
                               config.eval_batch or 2 * config.batch, num_classes=len(info["classes"]),
                               image_size=config.eval_side())
-    document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results, config.shards)
+    document = eval_document(out / "checkpoints" / "best.pt", config.to_dict(), results, shard_root(config))
     document["best_epoch"] = state.best_epoch
     if env.is_main:
         write_json(out / "eval.json", document)
@@ -116,7 +117,7 @@ def build_training(config: TrainConfig, info: dict, env: DistEnv) -> tuple[torch
     """The model (unwrapped), this rank's training stream and the parts of a step, fresh."""
     model, ddp_model = make_model(config, len(info["classes"]), env)
     data = TrainShards(
-        Path(config.shards) / "train",
+        shard_root(config) / "train",
         config.batch,
         [config.cf] if config.cf != "none" and not config.cf_online else [],
         config.seed,
@@ -141,7 +142,7 @@ def close_epoch(model, parts: "TrainingParts", state: RunState, record: dict, se
     returns the epoch's record for metrics.jsonl and whether it is the best so far."""
     config, epoch = parts.config, record["epoch"]
     if select_on:
-        val = evaluate_splits(model, config.shards, [select_on], parts.env, config.eval_batch or 2 * config.batch,
+        val = evaluate_splits(model, shard_root(config), [select_on], parts.env, config.eval_batch or 2 * config.batch,
                               num_classes=num_classes, image_size=config.eval_side())
         record["val"] = validation_record(val[select_on], select_on, resolved_selection(config, select_on))
     parts.schedule.after_epoch(record["val"]["loss"] if select_on else None)
@@ -312,12 +313,17 @@ def chunk_weights(parts: TrainingParts, chunks: list) -> tuple[list[dict], list[
 
 def training_manifest(config: TrainConfig) -> tuple[list[str], dict]:
     """The split names under --shards and the train split's manifest, checked against the config."""
-    splits = list_splits(config.shards)
+    splits = list_splits(shard_root(config))
     if "train" not in splits:
         raise UserError(f"{config.shards}: no train/ split to train on")
-    info = split_info(Path(config.shards) / "train")
+    info = split_info(shard_root(config) / "train")
     check_config(config, info)
     return splits, info
+
+
+def shard_root(config: TrainConfig):
+    """--shards as a location: a local folder, or a URL read through --cache-dir when given."""
+    return location(config.shards, config.cache_dir or None)
 
 
 def selection_split(splits: list[str]) -> str | None:
@@ -331,7 +337,7 @@ def selection_split(splits: list[str]) -> str | None:
 
 def selection_split_of(shards) -> str | None:
     """The selection split among the shard root's splits that hold samples."""
-    return selection_split([s for s in list_splits(shards) if read_info(Path(shards) / s)["num_samples"] > 0])
+    return selection_split([s for s in list_splits(shards) if read_info(location(shards) / s)["num_samples"] > 0])
 
 
 def resolved_selection(config: TrainConfig, select_on: str | None) -> str:
@@ -341,7 +347,7 @@ def resolved_selection(config: TrainConfig, select_on: str | None) -> str:
         return config.select_by
     if select_on is None:
         return "accuracy"
-    info = read_info(Path(config.shards) / select_on)
+    info = read_info(shard_root(config) / select_on)
     groups = set(info.get("groups", []))
     return "worst_group" if len(groups) >= 2 and groups - set(info.get("classes", [])) else "accuracy"
 
@@ -352,7 +358,7 @@ def check_worst_group_selection(shards: str) -> None:
     split = selection_split_of(shards)
     if split is None:
         raise UserError(f"--select-by worst_group: {shards} has no validation split (val or *val) with samples")
-    groups = read_info(Path(shards) / split).get("groups", [])
+    groups = read_info(location(shards) / split).get("groups", [])
     if len(groups) < 2:
         named = ", ".join(map(repr, groups)) or "none"
         raise UserError(f"--select-by worst_group: {shards}/{split} holds {len(groups)} group(s) ({named}); "
@@ -414,7 +420,7 @@ def check_config(config: TrainConfig, info: dict) -> None:
             shown = value if isinstance(value, str) else f"{value:g}"
             raise UserError(f"--{name.replace('_', '-')} {shown}: {rule}")
     if config.select_by == "worst_group":
-        check_worst_group_selection(config.shards)
+        check_worst_group_selection(shard_root(config))
     if config.batch_split > config.batch:
         raise UserError(f"--batch-split {config.batch_split} cuts a batch of {config.batch} into more chunks than images")
     check_augmentation(config, info)
@@ -482,7 +488,7 @@ def resume_point(out: Path, config: TrainConfig, check_existing: bool = True) ->
     if not check_existing or not out.exists() or config.resume or is_failed_start(out):
         return None
     if config.overwrite:
-        check_replaceable(out, RUN_FILES, [Path(config.shards)])
+        check_replaceable(out, RUN_FILES, [] if is_url(config.shards) else [Path(config.shards)])
     elif foreign := sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES):
         raise UserError(f"{out} holds {foreign[0]!r}, which is not part of a run; choose another --out")
     elif any(out.iterdir()):
@@ -581,5 +587,5 @@ def check_same_stream(path: Path, saved: dict | None, now: dict) -> None:
 
 # Options that may differ between a run and its resumption: where and how it reports and loads.
 # (--workers is further held to the stream shape of an unfinished run: check_same_stream.)
-RESUMABLE = {"resume", "overwrite", "workers", "device", "save_every", "tensorboard", "quiet"}
+RESUMABLE = {"resume", "overwrite", "cache_dir", "workers", "device", "save_every", "tensorboard", "quiet"}
 

@@ -21,6 +21,7 @@ from cfrobust.distributed import choose_device
 from cfrobust.errors import UserError
 from cfrobust.shards.manifest import list_splits
 from cfrobust.shards.reader import Batch, collate, decode_sample, split_info
+from cfrobust.shards.remote import location, with_sha256
 from cfrobust.shards.tarstream import iter_tar_samples
 from cfrobust.trainer.attributions import grad_cam
 from cfrobust.trainer.checkpoint import load_classifier
@@ -129,7 +130,7 @@ def write_png(path, image: np.ndarray) -> Path:
 def choose_samples(shards, split: str, count: int, seed: int) -> tuple[list[dict], dict, list[str]]:
     """`count` samples of the split drawn with `seed` (all of them when it holds fewer), in
     manifest order, with the manifest and notes for the user."""
-    root = Path(shards)
+    root = location(shards)  # a folder or a URL
     available = list_splits(root)
     if split not in available:
         raise UserError(f"{root}: no split {split!r} (found: {', '.join(available)})")
@@ -155,7 +156,7 @@ def read_samples_at(split_dir: Path, info: dict, indices: set[int]) -> list[dict
         first += shard["num_samples"]
         if not mine:
             continue
-        for position, raw in enumerate(iter_tar_samples(split_dir / shard["name"])):
+        for position, raw in enumerate(iter_tar_samples(with_sha256(split_dir / shard["name"], shard.get("sha256")))):
             if position in mine:
                 samples.append(decode_sample(raw, info["cf_methods"]))  # with its mask, if stored
             if position >= max(mine):

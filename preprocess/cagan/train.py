@@ -42,6 +42,7 @@ from cfrobust.preprocess.cagan.critics import (
 from cfrobust.preprocess.cagan.holes import local_patch_origin, sample_holes
 from cfrobust.preprocess.cagan.network import Generator
 from cfrobust.shards.reader import EvalShards, TrainShards, make_loader, split_info
+from cfrobust.shards.remote import RemoteOutput, is_url, location
 
 # Loss weights of the official inpaint.yml (v1); fixed, as they are in the paper's runs.
 COARSE_L1_ALPHA = 1.2  # extra weight of the coarse stage's L1 terms
@@ -77,13 +78,14 @@ class CaganConfig:
     workers: int = 2
     precision: str = "auto"
     init: str = ""
+    cache_dir: str = ""  # with a URL --shards: where each shard is kept once its sha256 matches
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # May differ between a run and its --resume; everything else must match to continue exactly.
-RESUMABLE = {"out", "steps", "sample_every", "save_every", "resume", "device", "init"}
+RESUMABLE = {"out", "steps", "sample_every", "save_every", "resume", "device", "init", "cache_dir"}
 
 
 def state_path(out: Path) -> Path:
@@ -279,9 +281,36 @@ def train_cagan(config: CaganConfig) -> Progress:
 
 def train_in(env: DistEnv, config: CaganConfig) -> Progress:
     check_options(config)
-    split_dir = Path(config.shards) / config.split
+    split_dir = location(config.shards, config.cache_dir or None) / config.split  # a folder or a URL
     size = image_size(split_dir)
-    out = Path(config.out)
+    remote = remote_out(config)
+    out = remote.local(location(config.out).name) if remote else Path(config.out)
+    try:
+        return train_to(env, config, split_dir, size, out, remote)
+    except UserError as exc:
+        if remote is None:
+            raise
+        raise UserError(str(exc).replace(str(remote.staging), str(remote.root))) from None  # name the URL
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def remote_out(config: CaganConfig) -> RemoteOutput | None:
+    """For a URL --out: a staging folder holding what the URL already has of this job (weights,
+    training state), so that --resume and the checks against overwriting work as for a file."""
+    if not is_url(config.out):
+        return None
+    remote = RemoteOutput(location(config.out).parent)
+    name = location(config.out).name
+    for relative in (name, state_path(Path(name)).name):
+        remote.pull(relative)
+    return remote
+
+
+def train_to(env: DistEnv, config: CaganConfig, split_dir, size, out: Path, remote: RemoteOutput | None) -> Progress:
+    """The training loop, writing to `out` (uploading each finished file when --out is a URL)."""
+    publish = remote.publish if remote is not None and env.is_main else (lambda path: None)
     saved = resume_point(out, config, env)
     models = Models(config, size, env)
     progress = Progress()
@@ -304,12 +333,16 @@ def train_in(env: DistEnv, config: CaganConfig) -> Progress:
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in terms.items()})
         if env.is_main and preview is not None and step % config.sample_every == 0:
             write_samples(samples_dir(out) / f"step-{step:06d}.png", models.generator, preview, trainer)
+            publish(samples_dir(out) / f"step-{step:06d}.png")
         if env.is_main and config.save_every and step % config.save_every == 0 and step < config.steps:
             save_state(out, models, progress, config, env)
+            publish(state_path(out))
     bar.close()
     if env.is_main:
         save_state(out, models, progress, config, env)
+        publish(state_path(out))
         write_weights(out, models.generator, config, size, progress, env)
+        publish(out)
     barrier(env)
     return progress
 
