@@ -10,6 +10,9 @@
     python bench/train_bench.py --size 224 --batch 16 --workers 0 --steps 30 --repeats 4 \
         --terms erm,erm_aug,erm_rrc,f_mrand_box,f_mrand     # what augmentation and masks cost
 
+    python bench/train_bench.py --steps 30 --workers 0 --repeats 3 --terms erm,sal,sal_fd
+    python bench/train_bench.py --arch resnet18 --steps 10 --workers 0 --repeats 3 \
+        --terms erm,cf_f_sal,cf_f_sal_fd                    # the saliency penalty's two implementations
 
 Measured in one run on the same machine: (a) the bare step, forward + backward + SGD step of the
 model on one in-memory batch of the same shape, repeated; (b) the full loop on built-in-dataset
@@ -76,13 +79,18 @@ TERMS = {
     "f_mrand": {"f": "mrand"},
     "f_mrand_box": {"f": "mrand", "object_region": "box"},
     "f_fgsm": {"f": "fgsm"},
-    "sal": {"reg": "bbox_o"},
+    "sal": {"reg": "bbox_o"},  # --reg-impl exact: double backpropagation
+    "sal_fd": {"reg": "bbox_o", "reg_impl": "finite-diff"},
     "sal_box": {"reg": "bbox_o", "object_region": "box"},
+    # The whole method, CF + F + Sal, with each implementation of the penalty.
+    "cf_f_sal": {"cf": "tile", "f": "mrand", "reg": "bbox_o"},
+    "cf_f_sal_fd": {"cf": "tile", "f": "mrand", "reg": "bbox_o", "reg_impl": "finite-diff"},
 }
-DEFAULT_TERMS = "erm,cf,f_mrand,f_fgsm,sal"
-# Row -> the row it is compared with, besides ERM: the same loop without the one thing it adds.
+DEFAULT_TERMS = "erm,cf,f_mrand,f_fgsm,sal,sal_fd"
+# Row -> the row it is compared with, besides ERM: the same loop without the one thing it adds
+# (or, for the finite-difference rows, with the exact penalty instead).
 BASELINES = {"erm_aug": "erm", "erm_rrc": "erm", "erm_jitter": "erm_rrc", "f_mrand": "f_mrand_box",
-             "sal": "sal_box"}
+             "sal": "sal_box", "sal_fd": "sal", "cf_f_sal_fd": "cf_f_sal"}
 
 
 def term_options(name: str, size: int) -> dict:

@@ -1,5 +1,6 @@
 """The training loss of one batch: CE(x and x_f) + cf_coeff * CF(x_cf) + lambda * Sal(x).
-All images of a step go through the model in one forward pass; samples without boxes are ERM.
+All images of a step go through the model in one forward pass (--reg-impl finite-diff: x's rows
+apart from the others); samples without boxes are ERM.
 """
 
 # Baselines combine with the method's terms: label smoothing applies to the CE of x and x_f;
@@ -21,6 +22,18 @@ from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import CF_LOSSES, class_logits
 from cfrobust.trainer.factual import FACTUAL_MODES
 from cfrobust.trainer.fills import ONLINE_FILLS
+from cfrobust.trainer.hvp import (
+    STEP_EPS,
+    ActivationPattern,
+    autocast_dtype,
+    finite_difference_term,
+    push_forward,
+    running_statistics_kept,
+    score_scale,
+    step_size,
+    value_and_direction,
+)
+from cfrobust.trainer.module_modes import unwrap
 from cfrobust.trainer.pixels import box_masks, normalize
 from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient, outside_share_penalty
 
@@ -47,6 +60,11 @@ class Objective:
         self.attribution = ATTRIBUTIONS.get(config.reg_grad)
         if config.reg == "gs" and config.cf == "none":
             raise UserError("--reg gs aligns the gradient with x - x_cf: it needs a counterfactual (--cf)")
+        self.finite_difference = config.reg_impl == "finite-diff" and self.regularizer is not None
+        if self.finite_difference and self.score is None:
+            raise UserError(f"--reg-impl finite-diff differentiates an input gradient of a score; --reg-grad "
+                            f"{config.reg_grad} is not one: use --reg-impl exact or one of "
+                            f"{', '.join(SALIENCY_SCORES)}")
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,15 +91,17 @@ class Objective:
         if self.regularizer is not None and self.score is not None:
             x.requires_grad_(True)  # the input gradient is taken on the unmixed images
         rows = self._rows(model, batch, x, y, holes, region, has_box, mixed)
-        inputs = rows["x"] if len(rows) == 1 else torch.cat(list(rows.values()))  # ERM: no copy
-        if config.gridmask:
-            inputs = gridmask(inputs, self.generator)
-        logits = dict(zip(rows, model(inputs).split([len(r) for r in rows.values()])))
+        if self.finite_difference:
+            logits, penalty = self._forward_with_finite_differences(model, rows, x, y, region, has_box)
+        else:
+            logits = self._forward(model, rows)
 
         terms = {"ce": self._cross_entropy(logits, y, has_box, mixed, batch.groups)}
         if self.cf_loss is not None:
             terms["cf"] = config.cf_coeff * self._mean_or_zero(self.cf_loss, logits["cf"], y[has_box])
-        if self.regularizer is not None:
+        if self.finite_difference:
+            terms["sal"] = config.reg_coeff * self.reg_factor * penalty
+        elif self.regularizer is not None:
             grads = self._saliency(model, x, y, logits.get("x_sal", logits["x"]))
             penalty = self.regularizer(grads, region, has_box, inputs=x.detach(), counterfactuals=rows.get("cf"))
             terms["sal"] = config.reg_coeff * self.reg_factor * penalty
@@ -141,8 +161,70 @@ class Objective:
     def _saliency(self, model, x, y, logits_x) -> torch.Tensor:
         """g: the input gradient of the score of the class logits, or a captum attribution."""
         if self.score is not None:
-            return input_gradient(class_logits(logits_x, self.config.cf_loss), x, y, self.score)
+            logits = class_logits(logits_x, self.config.cf_loss).float()
+            return input_gradient(logits, x, y, self.score, scale=score_scale(x.device.type))
         return self.attribution(model, x.detach(), y)
+
+    def _inputs(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's input: every row, in order, GridMask-ed under --gridmask."""
+        inputs = rows["x"] if len(rows) == 1 else torch.cat(list(rows.values()))  # ERM: no copy
+        return gridmask(inputs, self.generator) if self.config.gridmask else inputs
+
+    def _forward(self, model, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The logits of every row by role, from one forward pass of all of them."""
+        return dict(zip(rows, model(self._inputs(rows)).split([len(r) for r in rows.values()])))
+
+    def _forward_with_finite_differences(self, model, rows, x, y, region, has_box):
+        """--reg-impl finite-diff (trainer/hvp.py): the logits of every row and the penalty, whose
+        value is P(g) of the first-order g and whose weight gradient is that of
+        (s(x + h v) - s(x)) / h with v = dP/dg.
+
+        Three passes: (1) the saliency pass, x's rows on the bare model: s(x), and in one
+        first-order backward both g and the weight gradient of s(x), which enters the loss as a
+        linear term; (2) x + h v, the same rows moved along v, through `model` with the ReLU
+        pattern of (1): s(x + h v), and the CE of x's rows (a step of eps |x| off x); (3) the
+        factual, counterfactual (and mixed) rows on the bare model, when there are any.
+
+        x's rows go through the model apart from the other rows, as a batch of their own: passes
+        (1) and (2) must see the same batch, or BatchNorm's batch statistics would change by
+        O(1), not O(h), between them, and carrying the other rows through both would cost them
+        an input gradient and a second forward/backward they do not need. So under BatchNorm in
+        training mode x's rows are normalised by their own statistics and the others by theirs
+        (exact: one batch of all of them); running statistics are updated from pass (2) alone,
+        x's rows. A model without BatchNorm on batch statistics computes the same either way."""
+        config = self.config
+        name = "x_sal" if "x_sal" in rows else "x"
+        bare = unwrap(model)
+        device_type = x.device.type
+        # The rows as one pass would see them (GridMask draws as in one pass), then apart.
+        inputs = dict(zip(rows, self._inputs(rows).split([len(r) for r in rows.values()])))
+        sal_inputs = inputs.pop(name)
+        if len(rows) == 1 and not config.gridmask:
+            sal_inputs = x  # the same values; no graph between them to keep
+        params = [p for p in bare.parameters() if p.requires_grad]
+        pattern = ActivationPattern()
+        with running_statistics_kept(bare), pattern:
+            reference = self.score(class_logits(bare(sal_inputs), config.cf_loss).float(), y)
+        scale = score_scale(device_type)
+        # (GridMask's graph from x to sal_inputs is kept for push_forward.)
+        grads, *weight_grads = torch.autograd.grad(
+            reference * scale, [x, *params], allow_unused=True, retain_graph=sal_inputs is not x
+        )
+        value, direction = value_and_direction(
+            self.regularizer, grads / scale, region, has_box, inputs=x.detach(), counterfactuals=rows.get("cf")
+        )
+        step, inverse_step = step_size(x, direction, STEP_EPS[autocast_dtype(device_type)])
+        moved = (sal_inputs + push_forward(sal_inputs, x, step * direction)).detach()
+        with pattern.replay():
+            logits = {name: model(moved)}
+        perturbed = self.score(class_logits(logits[name], config.cf_loss).float(), y)
+        # d s(x) / d theta, already computed, as a linear term: its gradient is the constant.
+        reference_term = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, weight_grads) if g is not None) / scale
+        if inputs:  # the factual, counterfactual or mixed rows
+            with running_statistics_kept(bare):
+                outputs = bare(torch.cat(list(inputs.values())))
+            logits.update(zip(inputs, outputs.split([len(r) for r in inputs.values()])))
+        return logits, finite_difference_term(value, perturbed, reference_term, inverse_step)
 
     def _counterfactuals(self, x, holes, has_box, batch: Batch) -> torch.Tensor:
         """The boxed samples with their object removed: filled here (--cf-online) or read from the shards."""

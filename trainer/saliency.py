@@ -42,10 +42,16 @@ SALIENCY_SCORES = {
 }
 
 
-def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, score) -> torch.Tensor:
-    """d score(logits, labels) / d inputs, itself differentiable in the model's weights."""
-    (grads,) = torch.autograd.grad(score(logits, labels), inputs, create_graph=True)
-    return grads
+def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, score,
+                   scale: float = 1.0) -> torch.Tensor:
+    """d score(logits, labels) / d inputs, itself differentiable in the model's weights. `scale`
+    multiplies the score for the backward and divides g after it (fp16 autocast: a map of small
+    per-pixel gradients would underflow in an fp16 backward)."""
+    if scale == 1:
+        (grads,) = torch.autograd.grad(score(logits, labels), inputs, create_graph=True)
+        return grads
+    (grads,) = torch.autograd.grad(score(logits, labels) * scale, inputs, create_graph=True)
+    return grads / scale
 
 
 def outside_box_penalty(grads: torch.Tensor, holes: torch.Tensor, has_box: torch.Tensor, **_) -> torch.Tensor:
