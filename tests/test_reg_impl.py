@@ -14,7 +14,6 @@ from cfrobust.errors import UserError
 from cfrobust.shards.reader import Batch
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.hvp import REG_IMPLS, ActivationPattern, step_size, value_and_direction
-from cfrobust.trainer.models import simple_cnn
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.pixels import normalize
 from cfrobust.trainer.saliency import SALIENCY_SCORES, outside_share_penalty
@@ -33,8 +32,14 @@ def _batch(n=8, size=32, boxed=None) -> Batch:
 
 
 def _model() -> nn.Module:
+    """Four strided conv + BatchNorm + in-place ReLU blocks (batch coupling and kinks), small
+    enough that these tests stay fast whatever the trainer's own simple-cnn grows to."""
     torch.manual_seed(0)
-    return simple_cnn(2)  # BatchNorm + in-place ReLU: batch coupling and kinks
+    layers, width = [], 3
+    for out, stride in ((16, 2), (32, 2), (64, 2), (128, 1)):
+        layers += [nn.Conv2d(width, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        width = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 2))
 
 
 def _sal_gradient(model: nn.Module, config: TrainConfig, batch: Batch):

@@ -21,21 +21,31 @@ RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 def simple_cnn(num_classes: int) -> nn.Module:
-    """Four conv blocks and global pooling: trains in minutes on 2 CPU cores at 64 px.
+    """Eight conv blocks and global pooling: trains in minutes on 2 CPU cores at 64 px.
 
-    Strided convolutions instead of max-pooling: the saliency penalty differentiates the
-    network twice, and max-pool's double backward is several times slower on CPU.
+    Depth for the receptive field: the label is an object's shape, and a unit must see the
+    whole object to tell one shape from another. The former four-block net (about 31 px of
+    receptive field at 64 px) stayed below 0.6 worst group on small or noisy objects and on four
+    classes even without any spurious correlation; eight blocks (about 75 px, the whole image) reached 0.85 and
+    more on each (bench/robustness.py, the ideal row). The extra blocks run at 16 and 8 px, so
+    they cost little. Strided convolutions instead of max-pooling: the saliency penalty
+    differentiates the network twice, and max-pool's double backward is several times slower
+    on CPU.
     """
 
-    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
         conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
         *block(3, 16, 2),
-        *block(16, 32, 2),
-        *block(32, 64, 2),
-        *block(64, 128, 1),
+        *block(16, 32),
+        *block(32, 32, 2),
+        *block(32, 64),
+        *block(64, 64, 2),
+        *block(64, 128),
+        *block(128, 128),
+        *block(128, 128),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(128, num_classes),
