@@ -15,7 +15,8 @@ data = cfrobust.TrainShards(f"{shards}/train", batch_size=32, cf_methods=[config
 loader = cfrobust.make_loader(data, num_workers=data.workers)  # 2, or fewer where the split is tiny
 model = torchvision.models.resnet18(num_classes=len(data.info["classes"])).to(device)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-objective = cfrobust.Objective(config)  # objective(model, batch) -> ({"ce", "cf", "sal"}, logits of x)
+# objective(model, batch) -> ({"ce", "cf", "sal"}, logits of x)
+objective = cfrobust.Objective(config, num_classes=len(data.info["classes"]))
 
 step, epoch = 0, 0
 model.train()

@@ -49,6 +49,7 @@ _WATERBIRDS = dict(
     object_region="mask",  # data/waterbirds_datasets.py:71-76 (the segmentation mask is the object)
     reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
     cf_loss="logp",  # train_pl.py:56 (--cf default logp)
+    f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
 )
 _IN9 = dict(
     arch="bit-s-r50x1",  # lightning/in9.py:155
@@ -73,6 +74,7 @@ _IN9 = dict(
     object_region="mask",  # lightning/in9.py:153 (--mask seg), data/in9_datasets.py:51-61 (mask from no_fg)
     reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
     cf_loss="logp",  # train_pl.py:56 (--cf default logp)
+    f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
 )
 PRESETS = {
     "waterbirds": _WATERBIRDS,
@@ -106,13 +108,15 @@ PRESETS = {
         object_region="box",  # data/cct_datasets.py:103-120 (boxes only; CCT has no masks)
         reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
         cf_loss="logp",  # train_pl.py:56 (--cf default logp)
+        f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
     ),
 }
 PRESET_NAMES = ("none",) + tuple(PRESETS)
 
 # Options whose default differs from what runs did before the option existed: a config that
-# lacks them was made with these values (rectangles, the raw bbox_o, best.pt by accuracy).
-PREDATED = {"object_region": "box", "reg_measure": "raw", "select_by": "accuracy"}
+# lacks them was made with these values (rectangles, the raw bbox_o, best.pt by accuracy, factuals
+# weighing as much as originals).
+PREDATED = {"object_region": "box", "reg_measure": "raw", "select_by": "accuracy", "f_weight": "1"}
 
 # What `cfrobust train` writes in its --out folder (all that --overwrite may replace there).
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "eval.json", "eval.json.tmp", "checkpoints", "tensorboard"}
@@ -204,6 +208,13 @@ class TrainConfig:
     f_eps: float = option(0.6, "fgsm/pgd: L-inf radius of the background perturbation, in normalised units.")
     f_alpha: float = option(0.0, "pgd: step size (0: eps / 4).")
     f_steps: int = option(3, "pgd: attack steps.")
+    f_weight: str = option(
+        "auto",
+        "Weight of each factual's CE against an original image's: a number above 0, or auto = the number of "
+        "classes - 1. A factual shows its object on another class's background; when the training backgrounds "
+        "follow the label, K - 1 factuals' weight per original lets every background come with every class about "
+        "equally often in the CE (auto is 1 for two classes, the official equal weighting; every --preset uses 1).",
+    )
     reg: str = option(
         "none", "Saliency penalty: bbox_o = gradients outside the boxes; bbox_f1, gs as the official code.", REGULARIZERS
     )

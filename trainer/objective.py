@@ -49,8 +49,9 @@ def regularizer(config: TrainConfig):
 
 class Objective:
     def __init__(self, config: TrainConfig, generator: torch.Generator | None = None,
-                 group_weights: dict[str, float] | None = None):
+                 group_weights: dict[str, float] | None = None, num_classes: int | None = None):
         self.config = config
+        self.num_classes = num_classes  # for --f-weight auto (else read from the logits' width)
         self.generator = generator
         self.group_weights = group_weights  # --balance-groups: CE weight of an image by its group
         self.cf_loss = CF_LOSSES[config.cf_loss] if config.cf != "none" else None
@@ -118,7 +119,8 @@ class Objective:
         chunk's term weighs its rows over the whole batch's, so that the chunks add up to the
         batch's means even when the boxed samples fall unevenly between them."""
         boxed = batch.box_valid.any(dim=1).sum()
-        rows = {"ce": boxed + len(batch) if self.factual is not None else torch.full_like(boxed, len(batch))}
+        rows = {"ce": self.factual_weight() * boxed + len(batch) if self.factual is not None
+                else torch.full_like(boxed, len(batch))}
         if self.cf_loss is not None:
             rows["cf"] = boxed
         if self.regularizer is not None:
@@ -154,9 +156,24 @@ class Objective:
         else:
             _, y_partner, lam = mixed
             losses = [mixup_cross_entropy(logits["x"], y, y_partner, lam, smoothing)]
-        if "f" in logits:
-            losses.append(F.cross_entropy(logits["f"], y[has_box], label_smoothing=smoothing, reduction="none"))
-        return (losses[0] if len(losses) == 1 else torch.cat(losses)).mean()
+        if "f" not in logits:
+            return losses[0].mean()
+        factual = F.cross_entropy(logits["f"], y[has_box], label_smoothing=smoothing, reduction="none")
+        weight = self.factual_weight(logits["x"])
+        return (losses[0].sum() + weight * factual.sum()) / (len(losses[0]) + weight * len(factual))
+
+    def factual_weight(self, logits: torch.Tensor | None = None) -> float:
+        """A factual row's weight in the CE against an original's: --f-weight, where auto is the
+        number of classes - 1. Each factual carries the background of one of the K - 1 other
+        classes; at that weight, when every original's background is its own class's, each
+        background comes with each class about equally often in the CE (the official equal
+        weight does that for two classes only: on four, the recipe stayed near the place)."""
+        if self.config.f_weight != "auto":
+            return float(self.config.f_weight)
+        if self.num_classes is None and logits is None:
+            raise ValueError("--f-weight auto: construct Objective with num_classes to count rows before a step")
+        classes = self.num_classes or class_logits(logits, self.config.cf_loss).shape[1]
+        return float(max(1, classes - 1))
 
     def _saliency(self, model, x, y, logits_x) -> torch.Tensor:
         """g: the input gradient of the score of the class logits, or a captum attribution."""

@@ -130,7 +130,8 @@ def build_training(config: TrainConfig, info: dict, env: DistEnv) -> tuple[torch
     optimizer = make_optimizer(model, config)
     # Augmentation randomness differs per rank (each sees other images) but is seeded.
     generator = torch.Generator(env.device).manual_seed(config.seed * 1000 + env.rank)
-    objective = Objective(config, generator, balanced_group_weights(info) if config.balance_groups else None)
+    objective = Objective(config, generator, balanced_group_weights(info) if config.balance_groups else None,
+                          num_classes=len(info["classes"]))
     parts = TrainingParts(ddp_model, objective, optimizer, Schedule(optimizer, config, len(data)),
                           Precision(config.precision, env.device), generator, env, config, Augmentation.from_config(config))
     return model, data, parts
@@ -468,6 +469,7 @@ OPTION_RULES = [
     ("f_eps", lambda v: v >= 0, "an attack radius must be 0 or more"),
     ("f_alpha", lambda v: v >= 0, "must be 0 (eps / 4) or a positive step"),
     ("f_steps", lambda v: v >= 1, "an attack takes at least 1 step"),
+    ("f_weight", lambda v: v == "auto" or positive_number(v), "must be auto or a number above 0"),
     ("mixup", lambda v: v >= 0, "must be 0 (off) or a positive Beta alpha"),
     ("label_smoothing", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
     ("data_ratio", lambda v: 0 < v <= 1, "must lie in (0, 1]"),
@@ -475,6 +477,13 @@ OPTION_RULES = [
     ("bbox_noise", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
     ("save_every", lambda v: v >= 0, "must be 0 (epoch ends only) or more steps"),
 ]
+
+
+def positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def resume_point(out: Path, config: TrainConfig, check_existing: bool = True) -> Path | None:
