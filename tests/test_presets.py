@@ -45,6 +45,7 @@ OFFICIAL_WATERBIRDS = {
     "object_region": "mask",  # data/waterbirds_datasets.py:71-76 sample['masks'] = segmentation
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
+    "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
 }
 OFFICIAL_IN9 = {
     "arch": "bit-s-r50x1",  # lightning/in9.py:155 --arch default 'BiT-S-R50x1'
@@ -69,6 +70,7 @@ OFFICIAL_IN9 = {
     "object_region": "mask",  # lightning/in9.py:153 --mask default 'seg'; data/in9_datasets.py:51-61
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
+    "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
 }
 OFFICIAL_IN9L = {
     **OFFICIAL_IN9,  # lightning/in9.py:198 class IN9LLightningModel(IN9LightningModel)
@@ -98,6 +100,7 @@ OFFICIAL_CCT = {
     "object_region": "box",  # data/cct_datasets.py:103-120 boxes only
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
+    "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
 }
 
 
