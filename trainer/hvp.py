@@ -21,7 +21,7 @@ a Hessian-vector product taken by a finite difference of first-order gradients.
 # because BatchNorm in training mode couples the samples of a batch: a per-sample step would
 # weigh the coupling terms h_j / h_i wrongly. eps balances truncation (grows with eps) against
 # the rounding of the two nearly equal gradients (grows as unit roundoff / eps). Measured on
-# simple-cnn (tests/test_reg_impl.py's batch, cosine with the fp32 exact gradient): fp32 1e-3
+# a four-block CNN (tests/test_reg_impl.py's model and batch, cosine with the fp32 exact gradient): fp32 1e-3
 # gives 0.9999+ (1e-2: 0.998, 1e-1: 0.86); under bf16 autocast (rounding at 2^-8) 2e-2 does best,
 # 0.95-0.99 (1e-2 and 5e-2 lower); under fp16 (2^-11) 1e-2 does best, 0.99-0.997.
 
@@ -31,8 +31,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 REG_IMPLS = ("exact", "finite-diff")
@@ -50,7 +48,7 @@ class ActivationPattern(TorchFunctionMode):
     The exact product differentiates ReLU as the constant pattern of the step's forward pass (its
     second derivative is 0); a plain finite difference lets units near 0 switch over the step,
     and each switch adds a jump of O(1) / h to the difference (on a BatchNorm + ReLU network
-    that bias dwarfs the product: cosine 0.05 with the exact one on simple-cnn). With the pattern
+    that bias dwarfs the product: cosine 0.05 with the exact one on a four-block CNN). With the pattern
     held, x -> s is smooth along the step (BatchNorm's statistics and log-softmax are what
     remain nonlinear) and the difference matches the exact product closely even at large h.
     2-d max pooling's choices are held the same way (resnet18's stem: with them free, cosine 0.37).
@@ -149,21 +147,6 @@ def push_forward(outputs: torch.Tensor, inputs: torch.Tensor, tangent: torch.Ten
     (pulled,) = torch.autograd.grad(outputs, inputs, dummy, create_graph=True)
     (pushed,) = torch.autograd.grad(pulled, dummy, tangent)
     return pushed
-
-
-@contextmanager
-def running_statistics_kept(model: nn.Module):
-    """BatchNorm layers in training mode normalise with the batch's own statistics, as in the
-    step's forward pass, and leave their running statistics alone (the perturbed pass must not
-    count the batch a second time); layers in eval mode keep using their running statistics."""
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    for norm in norms:
-        norm.track_running_stats = False
-    try:
-        yield model
-    finally:
-        for norm in norms:
-            norm.track_running_stats = True
 
 
 def finite_difference_term(value: torch.Tensor, perturbed: torch.Tensor, reference: torch.Tensor,

@@ -28,12 +28,11 @@ from cfrobust.trainer.hvp import (
     autocast_dtype,
     finite_difference_term,
     push_forward,
-    running_statistics_kept,
     score_scale,
     step_size,
     value_and_direction,
 )
-from cfrobust.trainer.module_modes import unwrap
+from cfrobust.trainer.module_modes import running_statistics_frozen, unwrap
 from cfrobust.trainer.pixels import box_masks, normalize
 from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient, outside_share_penalty
 
@@ -220,7 +219,7 @@ class Objective:
             sal_inputs = x  # the same values; no graph between them to keep
         params = [p for p in bare.parameters() if p.requires_grad]
         pattern = ActivationPattern()
-        with running_statistics_kept(bare), pattern:
+        with running_statistics_frozen(bare), pattern:
             reference = self.score(class_logits(bare(sal_inputs), config.cf_loss).float(), y)
         scale = score_scale(device_type)
         # (GridMask's graph from x to sal_inputs is kept for push_forward.)
@@ -238,7 +237,7 @@ class Objective:
         # d s(x) / d theta, already computed, as a linear term: its gradient is the constant.
         reference_term = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, weight_grads) if g is not None) / scale
         if inputs:  # the factual, counterfactual or mixed rows
-            with running_statistics_kept(bare):
+            with running_statistics_frozen(bare):
                 outputs = bare(torch.cat(list(inputs.values())))
             logits.update(zip(inputs, outputs.split([len(r) for r in inputs.values()])))
         return logits, finite_difference_term(value, perturbed, reference_term, inverse_step)
