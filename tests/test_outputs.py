@@ -92,6 +92,25 @@ def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("args, member", [([], "shapes"), (["--variant", "four-class"], "four-class")])
+def test_demo_makes_its_shards_from_the_named_family_member(tmp_path, monkeypatch, args, member):
+    import cfrobust.preprocess.pipeline as pipeline
+
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def preprocess(dataset, out, fills, **options):
+        made.append((dataset.variant.name, fills))
+        raise Stop  # before training
+
+    monkeypatch.setattr(pipeline, "preprocess", preprocess)
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), *args])
+    assert isinstance(result.exception, Stop), result.output
+    assert made == [(member, ["tile"])]
+
+
 @pytest.mark.parametrize("options, expected", [
     (["--workers", "-1"], "--workers -1: must be 0 (load in this process) or more"),
     (["--lr", "0"], "--lr 0: a learning rate must be positive"),
