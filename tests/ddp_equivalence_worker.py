@@ -25,7 +25,7 @@ def three_steps(config: TrainConfig, env) -> dict:
     batches = [collate(samples[i * size : (i + 1) * size]) for i in range(3)]
     model, wrapped = make_model(config, 2, env)
     optimizer = make_optimizer(model, config)
-    parts = TrainingParts(wrapped, Objective(config), optimizer, Schedule(optimizer, config, 3),
+    parts = TrainingParts(wrapped, Objective(config, num_classes=2), optimizer, Schedule(optimizer, config, 3),
                           Precision("32", env.device), torch.Generator(), env, config)
     for batch in batches:
         mine = batch.chunks(env.world_size)[env.rank]  # a single process keeps the whole batch

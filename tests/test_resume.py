@@ -168,7 +168,7 @@ def test_batch_split_accumulates_the_same_gradient_as_one_pass(terms):
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2))
         config = TrainConfig(batch_split=split, lr=0.0, **terms)
         optimizer = make_optimizer(model, config)
-        parts = TrainingParts(model, Objective(config, torch.Generator().manual_seed(0)), optimizer, Schedule(optimizer, config, 1),
+        parts = TrainingParts(model, Objective(config, torch.Generator().manual_seed(0), num_classes=2), optimizer, Schedule(optimizer, config, 1),
                               Precision("32", torch.device("cpu")), torch.Generator(), DistEnv(0, 1, 0, torch.device("cpu")), config)
         step_terms, logits, _ = optimizer_step(parts, batch)
         found.append((model[3].weight.grad.clone(), {k: float(v) for k, v in step_terms.items()}, logits.shape))
