@@ -181,8 +181,8 @@ def test_samples_without_boxes_train_as_plain_erm():
     terms, _ = Objective(TrainConfig(cf="tile", cf_loss="logp", f="mrand"))(model, batch)
     from cfrobust.trainer.pixels import normalize
 
-    # The CF term sees only the boxed sample.
-    expected_cf = logp_loss(model(normalize(batch.cf["tile"][:1])), batch.labels[:1])
+    # The CF term sees only the boxed sample (weighted by the default --cf-coeff 0.5).
+    expected_cf = 0.5 * logp_loss(model(normalize(batch.cf["tile"][:1])), batch.labels[:1])
     assert terms["cf"].item() == pytest.approx(expected_cf.item(), rel=1e-5)
     none_boxed = _batch(boxed=(False,) * 4)
     terms, _ = Objective(TrainConfig(cf="tile", reg="bbox_o"))(model, none_boxed)

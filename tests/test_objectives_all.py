@@ -144,7 +144,7 @@ def test_channels_objective_uses_all_outputs_for_ce_and_returns_the_class_logits
     with torch.no_grad():
         both = model(torch.cat([normalize(batch.images), normalize(batch.cf["tile"])]))
     expected_ce = nn.functional.cross_entropy(both[:4], batch.labels)
-    expected_cf = nn.functional.cross_entropy(both[4:], batch.labels + 2)
+    expected_cf = 0.5 * nn.functional.cross_entropy(both[4:], batch.labels + 2)  # the default --cf-coeff 0.5
     assert terms["ce"].item() == pytest.approx(expected_ce.item(), rel=1e-5)
     assert terms["cf"].item() == pytest.approx(expected_cf.item(), rel=1e-5)
     assert torch.allclose(logits, both[:4, :2], atol=1e-6)
@@ -497,6 +497,28 @@ def test_reg_anneal_ramps_lambda_per_epoch():
     objective.set_epoch(2)
     half = objective(_conv_model(2), batch)[0]["sal"]
     assert half.item() == pytest.approx(0.5 * full(_conv_model(2), batch)[0]["sal"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("epochs, anneal, ramp", [(15, "auto", 4), (20, "auto", 5), (3, "auto", 1), (2, "auto", 0),
+                                                  (1, "auto", 0), (15, "0", 0), (15, "7", 7)])
+def test_reg_anneal_auto_is_about_a_quarter_of_the_epochs_and_always_fewer(epochs, anneal, ramp):
+    assert TrainConfig(epochs=epochs, reg_anneal=anneal).reg_anneal_epochs() == ramp
+
+
+def test_the_default_ramp_reaches_full_weight_at_the_fifth_of_fifteen_epochs():
+    objective = Objective(TrainConfig(reg="bbox_o", epochs=15))
+    assert objective.reg_factor == 1.0  # a loop that never calls set_epoch keeps the full weight
+    factors = []
+    for epoch in range(6):
+        objective.set_epoch(epoch)
+        factors.append(objective.reg_factor)
+    assert factors == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_a_run_recorded_with_a_numeric_reg_anneal_reads_back_as_text():
+    recorded = {**TrainConfig().to_dict(), "reg_anneal": 3}
+    config = TrainConfig.from_dict(recorded)
+    assert config.reg_anneal == "3" and config.reg_anneal_epochs() == 3
 
 
 # ---------------------------------------------------------------- baselines

@@ -111,6 +111,21 @@ def test_demo_makes_its_shards_from_the_named_family_member(tmp_path, monkeypatc
     assert made == [(member, ["tile"])]
 
 
+@pytest.mark.parametrize("args, impl", [([], "exact"), (["--reg-impl", "finite-diff"], "finite-diff")])
+def test_demo_passes_reg_impl_to_the_method_only(tmp_path, monkeypatch, args, impl):
+    import cfrobust.preprocess.pipeline as pipeline
+    import cfrobust.trainer.train as trainer
+
+    configs = {}
+    monkeypatch.setattr(pipeline, "preprocess", lambda dataset, out, *a, **k: out.mkdir(parents=True))
+    monkeypatch.setattr(trainer, "train", lambda config: configs.setdefault(config.out.rsplit("/", 1)[-1], config) and {})
+    monkeypatch.setattr("cfrobust.trainer.report.summary_markdown", lambda documents, split: "")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), *args])
+    assert result.exit_code == 0, result.output
+    assert configs["method"].reg_impl == impl and configs["method"].reg == "bbox_o"
+    assert configs["erm"].reg == "none" and configs["erm"].reg_impl == "exact"
+
+
 @pytest.mark.parametrize("options, expected", [
     (["--workers", "-1"], "--workers -1: must be 0 (load in this process) or more"),
     (["--lr", "0"], "--lr 0: a learning rate must be positive"),
@@ -121,6 +136,7 @@ def test_demo_makes_its_shards_from_the_named_family_member(tmp_path, monkeypatc
     (["--device", "gpu"], "--device gpu: not a device; use auto, cpu, cuda or cuda:N"),
     (["--reg", "bbox_o", "--reg-anneal", "1"], "--reg-anneal 1 with --epochs 1: the saliency weight would never reach "
                                                 "--reg-coeff; anneal over fewer epochs than the run has"),
+    (["--reg-anneal", "1.5"], "--reg-anneal 1.5: must be auto or a whole number of epochs (0: no ramp)"),
 ])
 def test_out_of_range_training_options_are_named_with_their_value(tiny_shards, tmp_path, options, expected):
     args = [a for a in TRAIN if a not in ("--device", "cpu")] if "--device" in options else TRAIN

@@ -46,6 +46,8 @@ OFFICIAL_WATERBIRDS = {
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
+    "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
+    "reg_anneal": "0",  # lightning/waterbird.py:119 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
 OFFICIAL_IN9 = {
     "arch": "bit-s-r50x1",  # lightning/in9.py:155 --arch default 'BiT-S-R50x1'
@@ -71,6 +73,8 @@ OFFICIAL_IN9 = {
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
+    "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
+    "reg_anneal": "0",  # lightning/in9.py:165 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
 OFFICIAL_IN9L = {
     **OFFICIAL_IN9,  # lightning/in9.py:198 class IN9LLightningModel(IN9LightningModel)
@@ -101,6 +105,8 @@ OFFICIAL_CCT = {
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
+    "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
+    "reg_anneal": "0",  # lightning/cct.py:109 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
 
 

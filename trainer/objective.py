@@ -65,13 +65,16 @@ class Objective:
             raise UserError(f"--reg-impl finite-diff differentiates an input gradient of a score; --reg-grad "
                             f"{config.reg_grad} is not one: use --reg-impl exact or one of "
                             f"{', '.join(SALIENCY_SCORES)}")
-        self.set_epoch(0)
+        # Full weight until set_epoch is called: a loop of one's own that never calls it (it
+        # counts steps, not epochs) gets the penalty it asked for, not a ramp stuck at 0.
+        self.reg_factor = 1.0
 
     def set_epoch(self, epoch: int) -> None:
-        """Call at the start of each epoch (0-based): lambda ramps linearly from 0 at epoch 0 to
-        reg_coeff at epoch reg_anneal. (The official code ramps per step over a fraction of
-        training and does not stop at 1.)"""
-        anneal = self.config.reg_anneal
+        """Call at the start of each epoch (0-based), as `cfrobust train` does: lambda ramps
+        linearly from 0 at epoch 0 to reg_coeff at epoch reg_anneal (auto: about a quarter of the
+        epochs). (The official code ramps per step over a fraction of training and does not stop
+        at 1.)"""
+        anneal = self.config.reg_anneal_epochs()
         self.reg_factor = min(1.0, epoch / anneal) if anneal > 0 else 1.0
 
     def __call__(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -394,9 +394,6 @@ def check_config(config: TrainConfig, info: dict) -> None:
     if len(info["classes"]) < 2:  # CE is 0 and the CF losses infinite or NaN with one class
         raise UserError(f"{config.shards}/train: {len(info['classes'])} class ({', '.join(info['classes'])}); "
                         f"a classifier needs at least 2")
-    if config.reg != "none" and 0 < config.epochs <= config.reg_anneal:
-        raise UserError(f"--reg-anneal {config.reg_anneal} with --epochs {config.epochs}: the saliency weight would "
-                        f"never reach --reg-coeff; anneal over fewer epochs than the run has")
     if config.resume and config.overwrite:  # with no checkpoint yet, --overwrite would delete the folder
         raise UserError("--resume keeps the run in --out and --overwrite deletes it: choose one")
     if config.cf_online and config.cf != "none" and config.cf not in ONLINE_FILLS:
@@ -420,6 +417,9 @@ def check_config(config: TrainConfig, info: dict) -> None:
         if not ok(value):
             shown = value if isinstance(value, str) else f"{value:g}"
             raise UserError(f"--{name.replace('_', '-')} {shown}: {rule}")
+    if config.reg != "none" and 0 < config.epochs <= config.reg_anneal_epochs():
+        raise UserError(f"--reg-anneal {config.reg_anneal} with --epochs {config.epochs}: the saliency weight would "
+                        f"never reach --reg-coeff; anneal over fewer epochs than the run has")
     if config.select_by == "worst_group":
         check_worst_group_selection(shard_root(config))
     if config.batch_split > config.batch:
@@ -465,7 +465,7 @@ OPTION_RULES = [
     ("clip_grad", lambda v: v >= 0, "a gradient norm cannot be negative (0 turns clipping off)"),
     ("cf_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
     ("reg_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
-    ("reg_anneal", lambda v: v >= 0, "must be 0 (no ramp) or more epochs"),
+    ("reg_anneal", lambda v: str(v) == "auto" or str(v).isdigit(), "must be auto or a whole number of epochs (0: no ramp)"),
     ("f_eps", lambda v: v >= 0, "an attack radius must be 0 or more"),
     ("f_alpha", lambda v: v >= 0, "must be 0 (eps / 4) or a positive step"),
     ("f_steps", lambda v: v >= 1, "an attack takes at least 1 step"),
