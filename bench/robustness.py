@@ -11,8 +11,8 @@ the label), into shards at 64 px; each run trains with the CLI's defaults except
 named in RUNS (and --set, for trying a change everywhere). The table gives mean ± std over the
 seeds of the test split's worst-group and mean accuracy, and writes them as JSON.
 Runs are cached under --out by their settings, so an interrupted bench continues where it stopped.
---quick: four-class (the hardest member), one seed, ERM / recipe / ideal, about 9 minutes on 2
-cores (a recipe run of simple-cnn takes about 6 of them).
+--quick: four-class (the hardest member), one seed, ERM / recipe / ideal, about 11 minutes on 2
+cores (a recipe run of simple-cnn takes about 9 of them; over the 10-minute goal on a slow day).
 """
 
 from __future__ import annotations
