@@ -66,3 +66,38 @@ def test_event_values_agree_with_metrics_jsonl(run):
         terms = sum(scalar[f"train/{name}"][s] for name in ("ce", "cf", "sal"))
         assert scalar["train/loss"][s] == pytest.approx(terms, rel=1e-5)
     assert scalar["train/lr"][1] == pytest.approx(0.05)  # cosine from --lr, read before each step
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_shows_each_step_once(tiny_shards, tmp_path, monkeypatch):
+    """Killed before its 6th step, with a checkpoint every 2 steps, the run had logged steps 1-5;
+    resumed from its last checkpoint, it takes step 5 again: the event files show every step
+    once, from 1 to 6."""
+    import cfrobust.trainer.train as train_module
+
+    out = tmp_path / "run"
+    args = ["train", "--shards", str(tiny_shards), "--out", str(out), "--arch", "simple-cnn", "--epochs", "2",
+            "--batch", "32", "--lr", "0.05", "--workers", "0", "--device", "cpu", "--cf", "tile", "--reg", "bbox_o",
+            "--quiet", "--tensorboard", "--save-every", "2"]
+    step, calls = train_module.optimizer_step, []
+
+    def killed_at_the_sixth(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise Killed
+        return step(*a, **k)
+
+    monkeypatch.setattr(train_module, "optimizer_step", killed_at_the_sixth)
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, Killed)
+    assert sorted({event.step for event in events(out).Scalars("train/loss")}) == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(train_module, "optimizer_step", step)
+    result = CliRunner().invoke(cli, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    accumulator = events(out)
+    for tag in accumulator.Tags()["scalars"]:
+        expected = STEPS if tag.startswith("train/") else EPOCH_ENDS
+        assert [event.step for event in accumulator.Scalars(tag)] == expected, tag

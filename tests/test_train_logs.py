@@ -55,7 +55,7 @@ def logged_run(tiny_shards, tmp_path_factory):
     writers = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_log, "require_tensorboard", lambda: None)  # the package may be absent here
-        patch.setattr(train_log, "open_summary_writer", lambda log_dir: writers.append(FakeWriter(log_dir)) or writers[-1])
+        patch.setattr(train_log, "open_summary_writer", lambda log_dir, purge_step: writers.append(FakeWriter(log_dir)) or writers[-1])
         train(tiny_config(tiny_shards, run, tensorboard=True))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (writer,) = writers

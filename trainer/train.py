@@ -88,7 +88,7 @@ def train_in(env: DistEnv, config: TrainConfig):
         if env.is_main:
             save_checkpoint(out / "checkpoints" / "last.pt", saved)
 
-    with TrainLog(out, config, env.is_main) as log:
+    with TrainLog(out, config, env.is_main, resumed_at=state.step if checkpoint is not None else None) as log:
         for epoch in range(state.epoch, config.epochs):
             data.set_epoch(epoch)
             parts.objective.set_epoch(epoch)

@@ -7,6 +7,7 @@ terms), one line per epoch, and with --tensorboard scalars under RUN/tensorboard
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from pathlib import Path
@@ -36,10 +37,10 @@ def require_tensorboard() -> None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-def open_summary_writer(log_dir: Path):
+def open_summary_writer(log_dir: Path, purge_step: int | None = None):
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 class EpochMeter:
@@ -81,10 +82,15 @@ class TrainLog:
     """The bar, the epoch lines and the TensorBoard writer of one run; use as a context manager
     so the writer is closed (and its last scalars flushed) however the run ends."""
 
-    def __init__(self, out: Path, config, is_main: bool):
+    def __init__(self, out: Path, config, is_main: bool, resumed_at: int | None = None):
         self.epochs = config.epochs
         self.show = is_main and not config.quiet
-        self.writer = open_summary_writer(Path(out) / "tensorboard") if config.tensorboard and is_main else None
+        self.writer = None
+        if config.tensorboard and is_main:
+            # A resumed run steps again through what the killed one logged after its checkpoint:
+            # TensorBoard hides those earlier events from resumed_at + 1 on, so no step shows twice.
+            purge = resumed_at + 1 if resumed_at is not None else None
+            self.writer = open_summary_writer(Path(out) / "tensorboard", purge)
         self.pending: list[tuple[int, dict[str, torch.Tensor], float]] = []  # steps not yet written
         self.bar = None
 
@@ -94,6 +100,11 @@ class TrainLog:
     def __exit__(self, *exc) -> None:
         self._close_bar()
         if self.writer is not None:
+            # Steps taken before a crash are real: write them (a resume from an earlier
+            # checkpoint hides those it takes again). A failing device read must not mask the crash.
+            with contextlib.suppress(Exception):
+                if self.pending:
+                    self._write_steps()
             self.writer.close()
 
     def start_epoch(self, epoch: int, steps: int, steps_done: int, images_per_step: int) -> None:
