@@ -55,7 +55,7 @@ def export_dataset(dataset: SyntheticDataset, out: Path, layout: str, image_form
     writer = WaterbirdsWriter(Path(out), dataset, image_format) if layout == "waterbirds" else CocoWriter(Path(out), dataset, image_format)
     summary = ExportSummary(layout, Path(out))
     total = sum(dataset.count(split) or 0 for split in dataset.splits)
-    with tqdm(total=total, unit="img", desc=f"export {layout}", disable=not progress) as bar:
+    with tqdm(total=total, unit="img", desc=f"export {layout}", disable=None if progress else True) as bar:
         for split in dataset.splits:
             summary.counts[split] = writer.write_split(split, bar)
     writer.finish()

@@ -245,7 +245,8 @@ def write_split(
     seen, groups = set(done.keys), Counter(done.groups)
     records = itertools.islice(my_records(job, split), done.consumed, None)
     total = _my_count(job, split)
-    bar = tqdm(total=total, initial=done.consumed, desc=split, unit="img", disable=not show_progress)
+    bar = tqdm(total=total, initial=done.consumed, desc=split, unit="img",
+               disable=None if show_progress else True)  # None: drawn only on a terminal, not into logs
     outcomes = build_samples(records, job, workers)
     if cagan is not None:
         outcomes = fill_cagan_samples(outcomes, cagan, position=done.consumed)

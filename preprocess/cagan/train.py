@@ -324,7 +324,8 @@ def train_to(env: DistEnv, config: CaganConfig, split_dir, size, out: Path, remo
     stream = BatchStream(data, data.workers, progress.batches, pin_memory=env.device.type == "cuda")  # --workers, or fewer
     trainer = Trainer(config, models, stream, env, progress)
     preview = preview_holes(split_dir, config, models.critics.patch_size, env) if env.is_main and config.sample_every else None
-    bar = tqdm(total=config.steps, initial=progress.step, unit="step", desc="cagan", disable=not env.is_main, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=progress.step, unit="step", desc="cagan", disable=None if env.is_main else True,
+               dynamic_ncols=True)
     while progress.step < config.steps:
         terms = trainer.step()
         bar.update(1)
