@@ -29,7 +29,12 @@ def train(ctx, **options) -> None:
     from cfrobust.trainer.train import train as run_training
 
     explicit = {name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
-    document = run_training(TrainConfig(**options).with_preset(explicit))
+    config = TrainConfig(**options).with_preset(explicit)
+    if config.preset != "none" and not config.pretrained and os.environ.get("RANK", "0") == "0":
+        # The paper fine-tunes ImageNet weights; its presets' schedules do not train from scratch.
+        click.echo(f"warning: --preset {config.preset} without --pretrained trains {config.arch} from random "
+                   f"weights; the paper starts from ImageNet weights (--pretrained FILE)", err=True)
+    document = run_training(config)
     test = document["splits"].get("test")
     if test is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         click.echo(

@@ -266,3 +266,16 @@ def test_bad_selection_and_schedule_options_are_refused_in_one_line(tiny_shards,
     with pytest.raises(UserError) as caught:
         train(tiny(tiny_shards, tmp_path / "run", **{option: value}))
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("pretrained, warned", [([], True), (["--pretrained", "weights.pt"], False)])
+def test_a_preset_without_pretrained_weights_is_warned_about(monkeypatch, tmp_path, pretrained, warned):
+    configs = []
+    monkeypatch.setattr(train_module, "train", lambda config: configs.append(config) or {"splits": {}, "best_epoch": 0})
+    result = CliRunner().invoke(cli, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "run"),
+                                      "--preset", "waterbirds", *pretrained])
+    assert result.exit_code == 0, result.output
+    assert configs[0].arch == "bit-s-r50x1"
+    warning = ("warning: --preset waterbirds without --pretrained trains bit-s-r50x1 from random weights; "
+               "the paper starts from ImageNet weights (--pretrained FILE)\n")
+    assert result.stderr == (warning if warned else "")
