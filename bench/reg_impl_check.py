@@ -2,11 +2,15 @@
 gradients the two give, per loss term, at initialisation and at each checkpoint named.
 
     python bench/reg_impl_check.py --shards ROOT [--checkpoint RUN/checkpoints/last.pt ...]
-                                   [--batches 3] [--set KEY=VALUE ...]
+                                   [--batches 3] [--set KEY=VALUE ...] [--warmup-epochs 1]
+                                   [--eps 1e-2,1e-3] [--terms sal]
 
 The options are the recipe's (--cf tile --f mrand --reg bbox_o, every other at the CLI's
 default) with --set's changes; the model is in training mode, as in a step, and its state is
 restored before each gradient, so both implementations start from the same running statistics.
+--warmup-epochs N trains the fresh model N epochs first, without the penalty (as the recipe's
+ramp starts), and compares on the next epoch's batches: early in training, where the step size
+matters most. --eps compares fp32 step sizes (default: the trainer's).
 tests/test_reg_impl.py checks the same on hand-made batches; this shows it on a user's data and
 on a trained network, where a difference between the two would change what training does.
 """
@@ -29,8 +33,10 @@ from cfrobust.distributed import setup_distributed  # noqa: E402
 from cfrobust.shards.reader import make_loader, split_info  # noqa: E402
 from cfrobust.trainer.checkpoint import load_checkpoint  # noqa: E402
 from cfrobust.trainer.config import TrainConfig  # noqa: E402
+from cfrobust.trainer.hvp import STEP_EPS  # noqa: E402
 from cfrobust.trainer.objective import Objective  # noqa: E402
-from cfrobust.trainer.train import build_training  # noqa: E402
+from cfrobust.trainer.pixels import using_normalization  # noqa: E402
+from cfrobust.trainer.train import build_training, optimizer_step  # noqa: E402
 
 
 def weight_gradient(model, config: TrainConfig, batch, terms: list[str], num_classes: int) -> torch.Tensor:
@@ -44,9 +50,22 @@ def weight_gradient(model, config: TrainConfig, batch, terms: list[str], num_cla
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
-def term_groups(config: TrainConfig) -> list[list[str]]:
+def term_groups(config: TrainConfig, wanted: str | None) -> list[list[str]]:
     other = ["ce", "cf"] if config.cf != "none" else ["ce"]
-    return [["sal"], other, other + ["sal"]]
+    groups = [["sal"], other, other + ["sal"]]
+    return [g for g in groups if wanted is None or " + ".join(g) == wanted]
+
+
+def warm_up(config: TrainConfig, info: dict, env, epochs: int):
+    """The fresh model after `epochs` epochs of the run without the penalty, and the data stream."""
+    model, data, parts = build_training(replace(config, reg="none"), info, env)
+    model.train()
+    for epoch in range(epochs):
+        data.set_epoch(epoch)
+        for batch in make_loader(data, 0):
+            optimizer_step(parts, parts.augmentation(batch, epoch) if parts.augmentation.active else batch)
+    data.set_epoch(epochs)
+    return model, data, parts
 
 
 def main() -> None:
@@ -55,6 +74,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", default=[], help="a checkpoint to compare at (repeatable)")
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train option")
+    parser.add_argument("--warmup-epochs", type=int, default=0, help="train the fresh model this long first")
+    parser.add_argument("--eps", default=None, help="comma-separated fp32 step sizes (default: the trainer's)")
+    parser.add_argument("--terms", default=None, help="one group only: sal, ce + cf or ce + cf + sal")
     args = parser.parse_args()
     options = {**RECIPE, **parse_sets(args.set)}
     if args.checkpoint:  # the architecture the checkpoints were trained with
@@ -64,26 +86,37 @@ def main() -> None:
         raise SystemExit("--set reg=none: there is no saliency penalty to compare")
     env = setup_distributed("cpu")
     info = split_info(Path(args.shards) / "train")
-    model, data, parts = build_training(config, info, env)
-    loader = iter(make_loader(data, 0))
-    batches = [next(loader) for _ in range(args.batches)]
-    if parts.augmentation.active:  # as a step sees them
-        batches = [parts.augmentation(batch, 0) for batch in batches]
-    classes = len(info["classes"])
-    print(f"{config.arch}, options {options}; weight gradients of finite-diff against exact, training mode")
-    print("| weights | batch | terms | cosine | norm ratio (finite-diff / exact) |")
-    print("|---|---|---|---|---|")
-    for name in ["init", *args.checkpoint]:
-        if name != "init":
-            model.load_state_dict(load_checkpoint(name)["model"])
-        model.train()
-        for index, batch in enumerate(batches):
-            for terms in term_groups(config):
-                exact = weight_gradient(model, replace(config, reg_impl="exact"), batch, terms, classes)
-                finite = weight_gradient(model, replace(config, reg_impl="finite-diff"), batch, terms, classes)
-                cosine = F.cosine_similarity(exact.double(), finite.double(), dim=0).item()  # fp32 sums overshoot 1
-                ratio = (finite.norm() / exact.norm()).item()
-                print(f"| {name} | {index} | {' + '.join(terms)} | {cosine:.4f} | {ratio:.3f} |", flush=True)
+    with using_normalization(config.normalize):
+        model, data, parts = warm_up(config, info, env, args.warmup_epochs)
+        loader = iter(make_loader(data, 0))
+        batches = [next(loader) for _ in range(args.batches)]
+        if parts.augmentation.active:  # as a step sees them
+            batches = [parts.augmentation(batch, args.warmup_epochs) for batch in batches]
+        steps = [float(e) for e in args.eps.split(",")] if args.eps else [STEP_EPS[torch.float32]]
+        print(f"{config.arch}, options {options}; weight gradients of finite-diff against exact, training mode")
+        print("| weights | batch | terms | fp32 step | cosine | norm ratio (finite-diff / exact) |")
+        print("|---|---|---|---|---|---|")
+        start = f"after {args.warmup_epochs} epoch(s)" if args.warmup_epochs else "init"
+        for name in [start, *args.checkpoint]:
+            if name != start:
+                model.load_state_dict(load_checkpoint(name)["model"])
+            model.train()
+            for index, batch in enumerate(batches):
+                for terms in term_groups(config, args.terms):
+                    compare(model, config, batch, terms, len(info["classes"]), steps, f"| {name} | {index} | {' + '.join(terms)}")
+
+
+def compare(model, config: TrainConfig, batch, terms: list[str], classes: int, steps: list[float], row: str) -> None:
+    exact = weight_gradient(model, replace(config, reg_impl="exact"), batch, terms, classes)
+    default = STEP_EPS[torch.float32]
+    for eps in steps:
+        STEP_EPS[torch.float32] = eps
+        try:
+            finite = weight_gradient(model, replace(config, reg_impl="finite-diff"), batch, terms, classes)
+        finally:
+            STEP_EPS[torch.float32] = default
+        cosine = F.cosine_similarity(exact.double(), finite.double(), dim=0).item()  # fp32 sums overshoot 1
+        print(f"{row} | {eps:g} | {cosine:.4f} | {(finite.norm() / exact.norm()).item():.3f} |", flush=True)
 
 
 if __name__ == "__main__":
