@@ -240,10 +240,10 @@ class TrainConfig:
         "exact",
         "How the penalty's weight gradient is taken: exact = double backpropagation; finite-diff = the "
         "Hessian-vector product by a finite difference of first-order gradients, (grad s(x + h v) - grad s(x)) / h "
-        "with v = dPenalty/dg and the first pass's ReLU pattern held (one more forward/backward of x's rows, no "
-        "double backward; h makes |h v| = eps |x|, eps 1e-3 in fp32, 1e-2 in fp16, 2e-2 in bf16). finite-diff "
-        "runs x's rows as a BatchNorm batch of their own, apart from the factual/counterfactual/mixed rows, and "
-        "updates running statistics from x's rows only. It serves bbox_o (share and raw), bbox_f1 and gs with the "
+        "with v = dPenalty/dg and the first pass's ReLU pattern held (a second first-order forward/backward of "
+        "the batch, no double backward; h makes |h v| = eps |x|, eps 1e-2 in fp32 and fp16, 2e-2 in bf16). Both "
+        "passes carry every row as one batch, so BatchNorm's batch statistics are the exact step's; running "
+        "statistics are updated once. It serves bbox_o (share and raw), bbox_f1 and gs with the "
         "input-gradient scores (grad_y, grad_sum, grad_logp_y, grad_logp_sum), not deeplift or grad_cam.",
         ("exact", "finite-diff"),
     )
