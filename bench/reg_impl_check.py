@@ -63,7 +63,7 @@ def warm_up(config: TrainConfig, info: dict, env, epochs: int):
     for epoch in range(epochs):
         data.set_epoch(epoch)
         for batch in make_loader(data, 0):
-            optimizer_step(parts, parts.augmentation(batch, epoch) if parts.augmentation.active else batch)
+            optimizer_step(parts, parts.augmentation(batch, epoch))  # as train_one_epoch steps
     data.set_epoch(epochs)
     return model, data, parts
 
@@ -89,9 +89,7 @@ def main() -> None:
     with using_normalization(config.normalize):
         model, data, parts = warm_up(config, info, env, args.warmup_epochs)
         loader = iter(make_loader(data, 0))
-        batches = [next(loader) for _ in range(args.batches)]
-        if parts.augmentation.active:  # as a step sees them
-            batches = [parts.augmentation(batch, args.warmup_epochs) for batch in batches]
+        batches = [parts.augmentation(next(loader), args.warmup_epochs) for _ in range(args.batches)]  # as a step sees them
         steps = [float(e) for e in args.eps.split(",")] if args.eps else [STEP_EPS[torch.float32]]
         print(f"{config.arch}, options {options}; weight gradients of finite-diff against exact, training mode")
         print("| weights | batch | terms | fp32 step | cosine | norm ratio (finite-diff / exact) |")
