@@ -12,16 +12,18 @@ from click.testing import CliRunner
 from torch import nn
 
 from cfrobust.cli.main import cli
+from cfrobust.errors import UserError
 from cfrobust.shards.reader import Batch
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.objective import Objective
-from cfrobust.trainer.train import train
+from cfrobust.trainer.train import check_fp16_saliency, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 RUNS = [
     dict(),
     dict(cf="tile", f="mrand", reg="bbox_o"),
+    dict(cf="tile", f="mrand", reg="bbox_o", reg_impl="finite-diff"),
     dict(cf="tile", cf_online=True, f="pgd", f_steps=2),
     dict(f="fgsm", reg="bbox_o", reg_grad="grad_cam"),
     dict(reg="gs", cf="cagan", reg_grad="deeplift"),
@@ -31,10 +33,13 @@ RUNS = [
 @pytest.mark.parametrize("precision", ["32", "bf16", "16"])
 @pytest.mark.parametrize("options", RUNS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "erm")
 def test_training_on_the_gpu_keeps_every_term_finite(tiny_shards, tmp_path, precision, options):
-    if precision == "16" and options.get("reg"):
-        pytest.skip("--precision 16 with --reg is refused (fp16 saliency gradients underflow)")
     config = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), arch="simple-cnn", epochs=1, batch=32,
                          lr=0.05, workers=2, device="cuda", precision=precision, **options)
+    if precision == "16" and options.get("reg"):
+        try:
+            check_fp16_saliency(config)
+        except UserError as refusal:
+            pytest.skip(str(refusal))
     document = train(config)
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 2  # 2 loader workers, each 3 shards of 16: one batch of 32

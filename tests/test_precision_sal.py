@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cfrobust.errors import UserError
 from cfrobust.trainer.config import REG_GRADS, TrainConfig
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.saliency import SALIENCY_SCORES
-from cfrobust.trainer.train import Precision
+from cfrobust.trainer.train import Precision, check_fp16_saliency
 from test_reg_impl import _batch, _model, _sal_gradient
 
 MODES = [dict(reg="bbox_o"), dict(reg="bbox_o", reg_measure="raw"), dict(reg="bbox_f1"), dict(reg="gs")]
@@ -25,6 +26,14 @@ def _cases():
             yield dict(mode, reg_grad=reg_grad, reg_impl="exact")
             if reg_grad in SALIENCY_SCORES:
                 yield dict(mode, reg_grad=reg_grad, reg_impl="finite-diff")
+
+
+def _fp16_allowed(options: dict) -> bool:
+    try:
+        check_fp16_saliency(TrainConfig(**options))
+    except UserError:
+        return False
+    return True
 
 
 def _train_steps(options: dict, precision: str, device: str, steps: int) -> None:
@@ -54,28 +63,48 @@ def test_every_saliency_mode_trains_under_bf16_autocast(options):
     _train_steps(options, "bf16", "cpu", 2)
 
 
-@pytest.mark.parametrize("reg_impl", ["exact", "finite-diff"])
-@pytest.mark.parametrize("mode", MODES, ids=lambda o: "-".join(o.values()))
-def test_the_saliency_modes_train_in_fp16_with_the_gradient_scaler(mode, reg_impl):
-    _train_steps(dict(mode, reg_impl=reg_impl), "16", "cpu", 4)
+FP16_CASES = [options for options in _cases() if _fp16_allowed(options)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("precision", ["16", "bf16"])
-@pytest.mark.parametrize("options", list(_cases()), ids=lambda o: "-".join(map(str, o.values())))
-def test_every_saliency_mode_trains_in_reduced_precision_on_the_gpu(options, precision):
-    _train_steps(options, precision, "cuda", 4)
+@pytest.mark.parametrize("options", FP16_CASES, ids=lambda o: "-".join(map(str, o.values())))
+def test_the_saliency_modes_train_in_fp16_with_the_gradient_scaler(options):
+    _train_steps(options, "16", "cpu", 4)
 
 
-@pytest.mark.parametrize("options", [dict(reg="bbox_o"), dict(reg="bbox_o", reg_measure="raw"), dict(reg="bbox_f1")])
-def test_the_bf16_finite_difference_gradient_follows_the_fp32_exact_one(options):
-    """Measured 0.95-0.99 cosine at the bf16 step (eps 2e-2); bf16's own exact gradient gives 0.98-0.99."""
-    config = TrainConfig(**options, reg_coeff=1.0, object_region="box")
+def _fp16_scaled_gradient(model, config, batch, state):
+    """The Sal term's weight gradient under fp16 autocast, backpropagated at the loss scale a
+    GradScaler settles on: 2^16 first, halved while the gradient is not finite."""
+    scale = 2.0**16
+    while scale >= 1:
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            terms, _ = Objective(config, torch.Generator().manual_seed(0))(model, batch)
+        (terms["sal"] * scale).backward()
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+        if torch.isfinite(grads).all():
+            return grads / scale
+        scale /= 2
+    raise AssertionError(f"{config.reg} {config.reg_impl}: no loss scale gives a finite gradient")
+
+
+@pytest.mark.parametrize("options", FP16_CASES, ids=lambda o: "-".join(map(str, o.values())))
+def test_under_fp16_the_loss_scale_brings_back_the_fp32_gradient(options):
+    """Every mode that --precision 16 accepts: at the first loss scale with a finite gradient, the
+    penalty's weight gradient follows fp32's exact one (measured cosine 0.985-0.998, norm 0.96-1.06)."""
+    config = TrainConfig(**options, cf="tile", reg_coeff=1.0, object_region="box")
     model = _model().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    _, exact = _sal_gradient(model, config, _batch())
-    model.load_state_dict(state)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, finite = _sal_gradient(model, replace(config, reg_impl="finite-diff"), _batch())
-    assert F.cosine_similarity(exact, finite, dim=0) >= 0.93
-    assert finite.norm() == pytest.approx(exact.norm().item(), rel=0.2)
+    _, exact = _sal_gradient(model, replace(config, reg_impl="exact"), _batch())
+    fp16 = _fp16_scaled_gradient(model, config, _batch(), state)
+    assert F.cosine_similarity(exact, fp16, dim=0) >= 0.98
+    assert fp16.norm() == pytest.approx(exact.norm().item(), rel=0.08)
+
+
+def test_fp16_takes_the_gradient_scores_by_finite_differences_only():
+    assert _fp16_allowed(dict(reg="gs", reg_impl="finite-diff", reg_grad="grad_sum"))
+    assert not _fp16_allowed(dict(reg="bbox_o", reg_impl="exact"))  # overflows at every loss scale
+    assert not _fp16_allowed(dict(reg="bbox_o", reg_grad="grad_cam"))
+    assert not _fp16_allowed(dict(reg="bbox_o", reg_grad="deeplift"))
+    assert _fp16_allowed(dict(reg="none", reg_grad="deeplift"))
+    assert [len(FP16_CASES), len(list(_cases()))] == [16, 40]

@@ -212,8 +212,8 @@ def test_clipping_scales_the_whole_gradient_to_the_given_norm():
     assert torch.allclose(weights.detach(), torch.tensor([-0.9, 0.0])) and torch.allclose(bias.detach(), torch.tensor([-1.2]))
 
 
-def test_fp16_with_a_saliency_penalty_is_refused(tiny_shards, tmp_path):
-    with pytest.raises(UserError, match=r"--precision 16 with --reg: .* use --precision bf16 or 32"):
+def test_fp16_with_a_saliency_penalty_by_double_backpropagation_is_refused(tiny_shards, tmp_path):
+    with pytest.raises(UserError, match=r"--precision 16 with --reg and --reg-impl exact: .* use --reg-impl finite-diff"):
         train(config_of(tiny_shards, tmp_path / "run", precision="16"))
 
 
@@ -226,6 +226,8 @@ def test_fp16_needs_a_gpu(tiny_shards, tmp_path):
     with pytest.raises(UserError, match="--precision 16 needs a CUDA device"):
         train(config_of(tiny_shards, tmp_path / "run", precision="16", reg="none"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(UserError, match="--precision 16 needs a CUDA device"):  # past the penalty's check
+        train(config_of(tiny_shards, tmp_path / "run", precision="16", reg_impl="finite-diff"))
 
 
 def test_fp16_unscales_the_gradients_before_clipping_them():

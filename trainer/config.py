@@ -164,7 +164,7 @@ class TrainConfig:
         SELECT_BY,
     )
     eval_batch: int = option(0, "Images per evaluation batch (validation and the final eval; 0: twice --batch).")
-    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), 32, bf16, or 16 (fp16 with a grad scaler).", ("auto", "32", "bf16", "16"))
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), 32, bf16, or 16 (fp16 with a grad scaler, GPU only; with --reg it needs --reg-impl finite-diff and a gradient score).", ("auto", "32", "bf16", "16"))
     seed: int = option(0, "Seed for initialisation, shard order and augmentation.")
     workers: int = option(2, "DataLoader worker processes per training process.")
     normalize: str = option(

@@ -41,6 +41,7 @@ from cfrobust.trainer.models import build_model, on_device
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.pixels import set_normalization, using_normalization
+from cfrobust.trainer.saliency import SALIENCY_SCORES
 from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
 
 
@@ -429,9 +430,24 @@ def check_config(config: TrainConfig, info: dict) -> None:
         raise UserError(f"--balance-groups: {config.shards}/train records fewer than 2 groups to balance")
     if config.balance_groups and config.mixup > 0:
         raise UserError("--balance-groups weighs each image's own CE; mixup mixes two images: choose one")
-    if config.precision == "16" and config.reg != "none":
-        raise UserError("--precision 16 with --reg: the saliency map's gradients are not loss-scaled and can "
-                        "underflow to 0 in fp16; use --precision bf16 or 32")
+    if config.precision == "16":
+        check_fp16_saliency(config)
+
+
+def check_fp16_saliency(config: TrainConfig) -> None:
+    """fp16 takes the penalties whose weight gradient the loss scaler brings back finite and
+    close to fp32's exact one (tests/test_precision_sal.py): a gradient score's (its input
+    gradient is scaled against underflow, trainer/hvp.py) by finite differences. By double
+    backpropagation the fp16 gradient overflowed at every loss scale for most penalty and score
+    pairs (in a BatchNorm weight's gradient on the test model)."""
+    if config.reg == "none":
+        return
+    if config.reg_grad not in SALIENCY_SCORES:
+        raise UserError(f"--precision 16 with --reg-grad {config.reg_grad}: the attribution map is not scaled "
+                        f"against fp16 underflow; use --precision bf16 or 32, or a gradient score")
+    if config.reg_impl == "exact":
+        raise UserError("--precision 16 with --reg and --reg-impl exact: the double backward overflows fp16 at "
+                        "every loss scale; use --reg-impl finite-diff, or --precision bf16 or 32")
 
 
 def check_augmentation(config: TrainConfig, info: dict) -> None:
