@@ -149,6 +149,9 @@ def print_summary(summaries, out: Path, rank: int | None = None) -> None:
     for s in summaries:
         kept = f" ({s.resumed_shards} shards kept from the interrupted run)" if s.resumed_shards else ""
         click.echo(f"{s.split:>8}: {s.written} samples written, {len(s.skipped)} skipped{kept}")
+        if s.upscaled:
+            click.echo(f"          warning: {s.upscaled} upscaled, their source smaller than --size (the smallest "
+                       f"side {s.smallest_side} px); --size {s.smallest_side} or less upscales none")
         for problem in s.skipped[:SHOWN_PROBLEMS]:
             click.echo(f"          skipped {problem['key']} ({problem['source']}): {problem['reason']}")
         if len(s.skipped) > SHOWN_PROBLEMS:

@@ -45,6 +45,10 @@ from cfrobust.shards.schema import (
 from cfrobust.shards.verify import merge_parts
 from cfrobust.shards.writer import ShardWriter
 
+# A sample's slot, taken out before it is written: its source image's smaller side, so that
+# the summary can say when --size upscaled the images (a 64-px dataset at the default 256 trains
+# on 16 times the pixels it has).
+SOURCE_SIDE = "_source_side"
 MIN_SIZE, MAX_SIZE = 8, 4096  # --size: smaller images hold no object; larger ones exhaust memory
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
 
@@ -55,6 +59,8 @@ class SplitSummary:
     written: int = 0
     skipped: list[dict] = field(default_factory=list)
     resumed_shards: int = 0  # shards kept from an interrupted run (--resume)
+    upscaled: int = 0  # samples written by this run whose source image was smaller than --size
+    smallest_side: int = 0  # the smallest such source side, in pixels (0: none)
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,7 @@ def write_split(
                 pending.skipped.append({"key": record.key, "source": record.source, "reason": problem})
                 summary.skipped.append(pending.skipped[-1])
                 continue
+            count_upscaled(summary, outcome.pop(SOURCE_SIDE), job.size)
             seen.add(record.key)
             groups[record.group] += 1
             pending.keys.append(record.key)
@@ -279,6 +286,12 @@ def write_split(
     if job.remote is not None:
         job.remote.remove(f"{split}/{job.journal(split).name}")
     return summary
+
+
+def count_upscaled(summary: SplitSummary, source_side: int, size: int) -> None:
+    if source_side < size:
+        summary.upscaled += 1
+        summary.smallest_side = min(summary.smallest_side or source_side, source_side)
 
 
 def shard_done(job: Job, split: str, entry: dict, done: SplitProgress, pending: "PendingShard") -> None:
@@ -416,7 +429,7 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
     boxes = [tuple(float(v) for v in np.array(box) * scale) for box in boxes]
     image = resize(image, size)
     encoded = encode_jpeg(image)
-    sample = {"__key__": record.key, IMAGE_EXT: encoded}
+    sample = {"__key__": record.key, IMAGE_EXT: encoded, SOURCE_SIDE: min(width, height)}
     for method in cf_methods:
         # A record without boxes trains as plain ERM; its counterfactual slot holds the image.
         if not boxes:

@@ -83,6 +83,21 @@ def test_eval_of_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tiny_shards
     assert "not a readable checkpoint" in _error_line(result)
 
 
+def test_preprocess_says_when_size_upscales_the_images(tmp_path):
+    args = ["preprocess", "--dataset", "synthetic", "--synthetic-sizes", "3,2,2", "--synthetic-image-size", "24"]
+    upscaled = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a"), "--size", "40"])
+    assert upscaled.exit_code == 0, upscaled.output
+    assert upscaled.stdout.splitlines()[:2] == [
+        "   train: 3 samples written, 0 skipped",
+        "          warning: 3 upscaled, their source smaller than --size (the smallest side 24 px); "
+        "--size 24 or less upscales none",
+    ]
+    kept = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--size", "24"])
+    assert kept.exit_code == 0 and "warning" not in kept.output, kept.output
+    shrunk = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "c"), "--size", "16"])
+    assert shrunk.exit_code == 0 and "warning" not in shrunk.output, shrunk.output
+
+
 def test_preprocess_into_an_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "shards"
     args = ["preprocess", "--dataset", "synthetic", "--out", str(out), "--synthetic-sizes", "8,4,4"]

@@ -427,10 +427,12 @@ def test_readme_command_on_the_three_downloads_side_by_side(tmp_path, monkeypatc
     monkeypatch.chdir(data)
     result = CliRunner().invoke(cli, README_COMMAND.split())
     assert result.exit_code == 0, result.output
+    upscaled = "          warning: {} upscaled, their source smaller than --size (the smallest side 16 px); " \
+               "--size 16 or less upscales none"  # this fixture's images are 24 x 16 px
     assert result.stdout.splitlines() == [  # progress bars go to stderr
-        "   train: 3 samples written, 0 skipped",
-        "     val: 1 samples written, 0 skipped",
-        "    test: 2 samples written, 0 skipped",
+        "   train: 3 samples written, 0 skipped", upscaled.format(3),
+        "     val: 1 samples written, 0 skipped", upscaled.format(1),
+        "    test: 2 samples written, 0 skipped", upscaled.format(2),
         "shards in shards/wb",
     ]
     out = data / "shards" / "wb"

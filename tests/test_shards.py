@@ -461,8 +461,8 @@ def test_check_box_rules():
 def test_make_sample_parts():
     record = Record("k", image(), 1, [(1, 1, 5, 5)], mask=np.ones((16, 16), np.uint8), group="g")
     sample = make_sample(record, 2, 16, CF)
-    assert sorted(sample) == ["__key__", "cf_mean.jpg", "cf_tile.jpg", "jpg", "json", "mask.png"]
-    assert sample["__key__"] == "k"
+    assert sorted(sample) == ["__key__", "_source_side", "cf_mean.jpg", "cf_tile.jpg", "jpg", "json", "mask.png"]
+    assert sample["__key__"] == "k" and sample["_source_side"] == 16  # taken out before the sample is written
     with pytest.raises(RecordError, match="label 1 outside 0..0"):
         make_sample(record, 1, 16, CF)
 
