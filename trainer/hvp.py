@@ -27,8 +27,9 @@ a Hessian-vector product taken by a finite difference of first-order gradients.
 # simple-cnn gives 1.0000 at 1e-3 and 0.9986-0.9991 at 1e-2, but ResNet-50 0.54-0.998 at 1e-3,
 # 0.991-0.9996 at 1e-2 (1e-1: 0.90-0.995; 1e-4: 0.06-0.37, rounding). fp32 takes 1e-2, which
 # costs the small net some truncation (penalty alone at initialisation: 0.977-0.980 against
-# 0.9998 at 1e-3) to keep ResNet-50 out of rounding; a per-architecture step is not built. Under bf16 autocast (rounding at 2^-8) 2e-2 does best on the test model,
-# 0.95-0.99 (1e-2 and 5e-2 lower); under fp16 (2^-11) 1e-2, 0.99-0.997.
+# 0.9998 at 1e-3) to keep ResNet-50 out of rounding; a per-architecture step is not built.
+# Under bf16 autocast (rounding at 2^-8) 2e-2 does best on the test model, 0.95-0.99 (1e-2 and
+# 5e-2 lower); under fp16 (2^-11) 1e-2, 0.99-0.997.
 #
 # The same product exactly by forward-over-reverse (torch.func.jvp of the weight gradient along
 # v) carries a tangent through a forward and a backward: 4.6x a first-order pass on the
