@@ -1,6 +1,6 @@
 """Run `cfrobust demo` for several seeds and print mean ± std of its test figures.
 
-    python bench/demo_seeds.py --out /tmp/demo-seeds [--seeds 0,1,2] [--reg-impl finite-diff]
+    python bench/demo_seeds.py --out /tmp/demo-seeds [--seeds 0,1,2] [--reg-impl finite-diff] [--reg-every 2]
 
 Each seed regenerates the built-in dataset and trains ERM and CF(tile) + F(mrand) +
 Sal(bbox_o); the table backs the demo's claim that the method lifts worst-group accuracy.
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--reg-impl", choices=["exact", "finite-diff"], default=None,
                         help="the method run's saliency implementation (default: the demo's)")
+    parser.add_argument("--reg-every", type=int, default=None,
+                        help="the method run's penalty on one step in K (default: the demo's)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {run: {figure: [] for figure in FIGURES} for run in RUNS}
@@ -34,7 +36,8 @@ def main() -> None:
         start = time.perf_counter()
         command = [sys.executable, "-m", "cfrobust", "demo", "--out", str(folder), "--seed", str(seed), "--overwrite"]
         subprocess.run(
-            command + (["--reg-impl", args.reg_impl] if args.reg_impl else []),
+            command + (["--reg-impl", args.reg_impl] if args.reg_impl else [])
+            + (["--reg-every", str(args.reg_every)] if args.reg_every else []),
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -27,8 +27,10 @@ DEMO_FILES = {"shards", *DEMO_RUNS, "summary.md"}  # what --overwrite may replac
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers per run (0: load in the training process, fastest on 2 cores).")
 @click.option("--reg-impl", type=click.Choice(["exact", "finite-diff"]), default=None,
               help="The method's saliency implementation (see `cfrobust train --help`; default: the trainer's).")
+@click.option("--reg-every", type=click.IntRange(min=1), default=None,
+              help="The method's penalty on one step in K at K times its weight (see `cfrobust train --help`; default: the trainer's).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo's OUT (a folder holding anything else is refused).")
-def demo(out, variant, seed, epochs, workers, reg_impl, overwrite) -> None:
+def demo(out, variant, seed, epochs, workers, reg_impl, reg_every, overwrite) -> None:
     """Run the whole flow on a built-in dataset (round against angular shapes on textured land
     and water, the place agreeing with the label in 95% of training images): an ERM baseline
     and CF(tile) + F(mrand) + Sal(bbox_o), compared on test accuracy and worst-group accuracy.
@@ -46,8 +48,9 @@ def demo(out, variant, seed, epochs, workers, reg_impl, overwrite) -> None:
     preprocess(open_dataset("synthetic", seed=seed, variant=variant), out / "shards", ["tile"], shard_size=250)
     documents = {}
     for step, (name, method) in enumerate(DEMO_RUNS.items(), start=2):
-        if method and reg_impl:
-            method = {**method, "reg_impl": reg_impl}
+        if method:
+            saliency = {"reg_impl": reg_impl, "reg_every": reg_every}
+            method = {**method, **{key: value for key, value in saliency.items() if value is not None}}
         config = TrainConfig(
             shards=str(out / "shards"), out=str(out / name), arch="simple-cnn", epochs=epochs,
             batch=64, seed=seed, workers=workers, **method,

@@ -499,6 +499,39 @@ def test_reg_anneal_ramps_lambda_per_epoch():
     assert half.item() == pytest.approx(0.5 * full(_conv_model(2), batch)[0]["sal"].item(), rel=1e-5)
 
 
+def test_reg_every_takes_the_penalty_on_every_kth_step_at_k_times_its_weight():
+    objective = Objective(TrainConfig(reg="bbox_o", reg_every=3))
+    assert objective.reg_now == 1.0  # a loop that never calls set_step: every step, plain weight
+    weights = []
+    for step in range(7):
+        objective.set_step(step)
+        weights.append(objective.reg_now)
+    assert weights == [3.0, 0.0, 0.0, 3.0, 0.0, 0.0, 3.0]
+
+
+def _weight_grads(model, loss):
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)  # the last bias has no input gradient
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+@pytest.mark.parametrize("impl", ["exact", "finite-diff"])
+def test_a_lazy_step_doubles_the_penalty_and_a_skipped_step_trains_as_without_it(impl):
+    batch = _batch()
+    every_step = Objective(TrainConfig(reg="bbox_o", reg_impl=impl))
+    lazy = Objective(TrainConfig(reg="bbox_o", reg_impl=impl, reg_every=2))
+    lazy.set_step(4)
+    model = _conv_model(2)
+    plain, doubled = every_step(model, batch)[0]["sal"], lazy(model, batch)[0]["sal"]
+    assert doubled.item() == pytest.approx(2 * plain.item(), rel=1e-6)
+    assert torch.allclose(_weight_grads(model, doubled), 2 * _weight_grads(model, plain), rtol=1e-5, atol=1e-8)
+    lazy.set_step(5)
+    skipped = lazy(model, batch)[0]
+    assert skipped["sal"].item() == 0.0
+    without = Objective(TrainConfig())(model, batch)[0]
+    assert torch.equal(_weight_grads(model, sum(skipped.values())), _weight_grads(model, without["ce"]))
+
+
 @pytest.mark.parametrize("epochs, anneal, ramp", [(15, "auto", 4), (20, "auto", 5), (3, "auto", 1), (2, "auto", 0),
                                                   (1, "auto", 0), (15, "0", 0), (15, "7", 7)])
 def test_reg_anneal_auto_is_about_a_quarter_of_the_epochs_and_always_fewer(epochs, anneal, ramp):

@@ -111,8 +111,13 @@ def test_demo_makes_its_shards_from_the_named_family_member(tmp_path, monkeypatc
     assert made == [(member, ["tile"])]
 
 
-@pytest.mark.parametrize("args, impl", [([], "exact"), (["--reg-impl", "finite-diff"], "finite-diff")])
-def test_demo_passes_reg_impl_to_the_method_only(tmp_path, monkeypatch, args, impl):
+@pytest.mark.parametrize("args, impl, every", [
+    ([], "exact", 1),
+    (["--reg-impl", "finite-diff"], "finite-diff", 1),
+    (["--reg-impl", "finite-diff", "--reg-every", "2"], "finite-diff", 2),
+    (["--reg-every", "3"], "exact", 3),
+])
+def test_demo_passes_reg_impl_and_reg_every_to_the_method_only(tmp_path, monkeypatch, args, impl, every):
     import cfrobust.preprocess.pipeline as pipeline
     import cfrobust.trainer.train as trainer
 
@@ -123,7 +128,8 @@ def test_demo_passes_reg_impl_to_the_method_only(tmp_path, monkeypatch, args, im
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), *args])
     assert result.exit_code == 0, result.output
     assert configs["method"].reg_impl == impl and configs["method"].reg == "bbox_o"
-    assert configs["erm"].reg == "none" and configs["erm"].reg_impl == "exact"
+    assert configs["method"].reg_every == every
+    assert configs["erm"].reg == "none" and configs["erm"].reg_impl == "exact" and configs["erm"].reg_every == 1
 
 
 @pytest.mark.parametrize("options, expected", [
@@ -137,6 +143,7 @@ def test_demo_passes_reg_impl_to_the_method_only(tmp_path, monkeypatch, args, im
     (["--reg", "bbox_o", "--reg-anneal", "1"], "--reg-anneal 1 with --epochs 1: the saliency weight would never reach "
                                                 "--reg-coeff; anneal over fewer epochs than the run has"),
     (["--reg-anneal", "1.5"], "--reg-anneal 1.5: must be auto or a whole number of epochs (0: no ramp)"),
+    (["--reg-every", "0"], "--reg-every 0: must be at least 1 (1: the penalty on every step)"),
 ])
 def test_out_of_range_training_options_are_named_with_their_value(tiny_shards, tmp_path, options, expected):
     args = [a for a in TRAIN if a not in ("--device", "cpu")] if "--device" in options else TRAIN

@@ -32,6 +32,7 @@ RUNS = (
     + [dict(reg=r, cf="tile" if r == "gs" else "none") for r in REGULARIZERS[1:]]  # gs compares g with x - x_cf
     + [dict(reg="bbox_o", reg_grad=g) for g in REG_GRADS]
     + [dict(cf="tile", f="mrand", reg="bbox_o")]
+    + [dict(reg="bbox_o", reg_impl="finite-diff", reg_every=2)]  # lazy: steps 0 and 2 of 3
 )
 
 

@@ -68,6 +68,15 @@ class Objective:
         # Full weight until set_epoch is called: a loop of one's own that never calls it (it
         # counts steps, not epochs) gets the penalty it asked for, not a ramp stuck at 0.
         self.reg_factor = 1.0
+        self.reg_now = 1.0  # this step's multiple of the penalty's weight (--reg-every; 0: skipped)
+
+    def set_step(self, step: int) -> None:
+        """Call before each optimizer step (0-based count of steps), as `cfrobust train` does:
+        under --reg-every K the penalty is taken on steps 0, K, 2K, ... at K times its weight and
+        skipped on the others, so every rank and every --batch-split chunk of a step agree. A loop
+        that never calls it takes the penalty on every step at its plain weight."""
+        every = self.config.reg_every
+        self.reg_now = float(every) if step % every == 0 else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         """Call at the start of each epoch (0-based), as `cfrobust train` does: lambda ramps
@@ -91,10 +100,11 @@ class Objective:
         # removes the boxes' rectangles, so a counterfactual's hole does not show the object's shape.
         region = batch.masks if needs_boxes and batch.masks is not None else holes
         mixed = mixup(x, y, config.mixup, self.generator) if config.mixup > 0 else None
-        if self.regularizer is not None and self.score is not None:
+        penalize = self.regularizer is not None and self.reg_now > 0
+        if penalize and self.score is not None:
             x.requires_grad_(True)  # the input gradient is taken on the unmixed images
         rows = self._rows(model, batch, x, y, holes, region, has_box, mixed)
-        if self.finite_difference:
+        if penalize and self.finite_difference:
             logits, penalty = self._forward_with_finite_differences(model, rows, x, y, region, has_box)
         else:
             logits = self._forward(model, rows)
@@ -102,12 +112,13 @@ class Objective:
         terms = {"ce": self._cross_entropy(logits, y, has_box, mixed, batch.groups)}
         if self.cf_loss is not None:
             terms["cf"] = config.cf_coeff * self._mean_or_zero(self.cf_loss, logits["cf"], y[has_box])
-        if self.finite_difference:
-            terms["sal"] = config.reg_coeff * self.reg_factor * penalty
-        elif self.regularizer is not None:
+        if penalize and not self.finite_difference:
             grads = self._saliency(model, x, y, logits.get("x_sal", logits["x"]))
             penalty = self.regularizer(grads, region, has_box, inputs=x.detach(), counterfactuals=rows.get("cf"))
-            terms["sal"] = config.reg_coeff * self.reg_factor * penalty
+        if self.regularizer is not None:
+            # A skipped step (--reg-every) logs 0: the term's mean over steps is its weight in training.
+            weight = config.reg_coeff * self.reg_factor * self.reg_now
+            terms["sal"] = weight * penalty if penalize else x.new_zeros(())
         return terms, class_logits(logits["x"], config.cf_loss).detach()
 
     @property

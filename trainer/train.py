@@ -249,6 +249,7 @@ def train_one_epoch(parts: TrainingParts, loader, state: RunState, epoch: int, l
             continue  # the stream is deterministic: these batches were trained on before the crash
         lr = current_lr(parts)  # the rate this step uses (the schedule moves it after the step)
         batch = parts.augmentation(batch.to(env.device, non_blocking=True), epoch)
+        parts.objective.set_step(state.step)
         terms, logits, batch = optimizer_step(parts, batch)
         state.step += 1
         state.batches_done = index + 1
@@ -481,6 +482,7 @@ OPTION_RULES = [
     ("clip_grad", lambda v: v >= 0, "a gradient norm cannot be negative (0 turns clipping off)"),
     ("cf_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
     ("reg_coeff", lambda v: v >= 0, "a loss weight must be 0 or more"),
+    ("reg_every", lambda v: v >= 1, "must be at least 1 (1: the penalty on every step)"),
     ("reg_anneal", lambda v: str(v) == "auto" or str(v).isdigit(), "must be auto or a whole number of epochs (0: no ramp)"),
     ("f_eps", lambda v: v >= 0, "an attack radius must be 0 or more"),
     ("f_alpha", lambda v: v >= 0, "must be 0 (eps / 4) or a positive step"),
