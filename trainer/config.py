@@ -257,7 +257,8 @@ class TrainConfig:
         "Lazy regularisation: take the saliency penalty on one optimizer step in K, at K times its weight, and "
         "skip its cost on the others (as StyleGAN2 does with its R1 penalty; Karras et al. 2020). 1: every step, "
         "the official behaviour. With --reg-impl finite-diff, 2 took Sal alone from 2.1x to 1.6x ERM's time per "
-        "image on the simple-cnn at 64 px (README, Performance).",
+        "image on the simple-cnn at 64 px, but stalled one seed of two on the four-class benchmark member where "
+        "every step did not (README, Performance): check it against K = 1 on your data.",
     )
     reg_anneal: str = option(
         "auto",
