@@ -42,7 +42,8 @@ existing = click.Path(exists=True, path_type=Path)
 @click.option("--device", default="auto", show_default=True,
               help="cagan: where the generator runs: auto (this process's GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="cagan: images per generator batch.")
-@click.option("--size", type=int, default=None, help="Stored image side in pixels  [default: 256; synthetic: its image size]")
+@click.option("--size", type=int, default=None, help="Stored image side in pixels  [default: 256, or the training images' median shorter side when "
+              "that is under 205 px (small images are not upscaled); synthetic: its image size]")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Delete this process's earlier output under OUT first.")
@@ -156,7 +157,8 @@ def print_summary(summaries, out: Path, rank: int | None = None) -> None:
             click.echo(f"          skipped {problem['key']} ({problem['source']}): {problem['reason']}")
         if len(s.skipped) > SHOWN_PROBLEMS:
             click.echo(f"          ... and {len(s.skipped) - SHOWN_PROBLEMS} more, listed in {out / s.split / '_info.json'}")
-    click.echo(f"shards in {out}")
+    sizes = sorted({s.size for s in summaries if s.size})
+    click.echo(f"shards in {out}" + (f", images stored at {sizes[0]} x {sizes[0]} px" if len(sizes) == 1 else ""))
     if summaries and not any(s.written for s in summaries):
         if rank is not None:
             click.echo(f"rank {rank} wrote no sample: its slice of every split is empty or was skipped")

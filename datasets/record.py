@@ -46,6 +46,7 @@ class DatasetSource:
     classes: list[str] = []
     splits: list[str] = []
     default_size: int = 256  # stored image side when `preprocess --size` is not given
+    sized_by_default: bool = False  # every image is default_size on a side: no need to look (synthetic)
     aligned_groups: list[str] = []  # groups whose spurious attribute agrees with the label, if known
 
     def records(self, split: str) -> Iterator[Record]:

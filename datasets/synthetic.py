@@ -56,6 +56,7 @@ class SyntheticDataset(DatasetSource):
         self.sizes = dict(zip(SPLITS, sizes))
         self.image_size = image_size
         self.default_size = image_size
+        self.sized_by_default = True
         self.correlation = correlation
         self.twin = twin
         self.classes = self.variant.class_names

@@ -45,6 +45,25 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk; None if `data` is not a PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return (width, height) if width and height else None
+
+
+def source_size(source) -> tuple[int, int]:
+    """(width, height) of a source image, from its header when it is a JPEG or PNG (no decode)."""
+    if isinstance(source, np.ndarray):
+        return source.shape[1], source.shape[0]
+    data = source if isinstance(source, bytes) else read_file(Path(source), "image")
+    size = jpeg_size(data) or png_size(data)
+    if size is None:
+        size = load_rgb(data, min_side=1)[1]
+    return size
+
+
 def load_rgb(source, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as RGB (possibly reduced, never below `min_side` on either side) and the
     (width, height) of the source it came from."""

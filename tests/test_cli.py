@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -129,3 +130,43 @@ def test_a_user_error_from_the_console_script_has_no_traceback(tmp_path):
 def test_unknown_choices_are_rejected_by_the_parser(tmp_path, bad):
     result = CliRunner().invoke(cli, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "r")] + bad)
     assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_preprocess_without_size_stores_small_images_as_they_are(tmp_path):
+    """--size left out: 256, unless the training images' median shorter side is under 205 px
+    (256 / 1.25); then that side, so a 40-px dataset is not stored at 16 times its pixels."""
+    from cfrobust.datasets.record import DatasetSource, Record
+    from cfrobust.preprocess.pipeline import default_size
+
+    class Sides(DatasetSource):
+        splits = ["train", "test"]
+
+        def __init__(self, *shapes):
+            self.shapes = shapes
+
+        def records(self, split):
+            for i, (h, w) in enumerate(self.shapes if split == "train" else [(999, 999)]):
+                yield Record(f"k{i}", np.zeros((h, w, 3), np.uint8), 0)
+
+    assert default_size(Sides((40, 60), (40, 40), (50, 45))) == 40  # the median shorter side
+    assert default_size(Sides((210, 300))) == 256  # 1.22x up to 256: kept, as the official 224 -> 256
+    assert default_size(Sides((204, 300))) == 204
+    assert default_size(Sides((30, 30), (300, 300), (300, 300))) == 256  # the median, not the smallest
+    assert default_size(Sides((4, 4))) == 8  # never below --size's least value
+    assert default_size(Sides()) == 256  # nothing to look at: the adapter's default
+    unreadable = Sides()
+    unreadable.records = lambda split: iter([Record("bad", b"not an image", 0),
+                                             Record("ok", np.zeros((40, 50, 3), np.uint8), 0)])
+    assert default_size(unreadable) == 40  # the unreadable one is left to the run to report
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp"])
+def test_source_size_reads_the_header_or_decodes(ext, tmp_path):
+    import cv2
+
+    from cfrobust.preprocess.images import source_size
+
+    path = tmp_path / f"image{ext}"
+    assert cv2.imwrite(str(path), np.zeros((20, 30, 3), np.uint8))
+    assert source_size(path) == (30, 20)  # (width, height)
+    assert source_size(path.read_bytes()) == (30, 20)
