@@ -26,6 +26,7 @@ from cfrobust.files import resolved_paths
 from cfrobust.outputs import check_output_folder
 from cfrobust.preprocess.cagan.inpaint import CAGAN_SOURCE, CaganFill, CaganSettings, fill_cagan_samples
 from cfrobust.preprocess.fills import FILLS, RANDOM_FILLS, record_rng
+from cfrobust.preprocess.grabcut import MASKS_FROM_BOXES, grabcut_mask
 from cfrobust.preprocess.images import RecordError, binarize, load_mask, load_rgb, mask_box, resize, source_size
 from cfrobust.preprocess.progress import SplitProgress
 from cfrobust.shards.manifest import write_info
@@ -54,6 +55,8 @@ MIN_SIZE, MAX_SIZE = 8, 4096  # --size: smaller images hold no object; larger on
 # smaller by more than a mild upscale (the official ImageNet-9 pipeline takes its 224-px images to
 # 256); then their median shorter side, read from the headers of the first SIZE_SAMPLE of them.
 SIZE_SAMPLE, MILD_UPSCALE = 64, 1.25
+# Job identity keys added since shards were first written: what an older journal or manifest meant.
+IDENTITY_ADDED = {"masks_from_boxes": "none"}
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
 
 
@@ -82,10 +85,12 @@ class Job:
     world_size: int = 1
     cagan: CaganSettings | None = None
     remote: RemoteOutput | None = None  # --out URL: each finished file is uploaded there
+    masks_from_boxes: str = "none"  # boxed records without a mask: none, or grabcut (preprocess/grabcut.py)
 
     def identity(self) -> dict:
         """What fixes the samples written (recorded in manifests and resume journals)."""
-        return {"cf_methods": list(self.cf_methods), "size": self.size, "source": self.dataset.describe()}
+        return {"cf_methods": list(self.cf_methods), "size": self.size, "source": self.dataset.describe(),
+                "masks_from_boxes": self.masks_from_boxes}
 
     def manifest(self, split: str) -> Path:
         name = INFO_NAME if self.world_size == 1 else part_info_name(self.rank, self.world_size)
@@ -123,12 +128,14 @@ def preprocess(
     rank: int = 0,
     world_size: int = 1,
     cagan: CaganSettings | None = None,
+    masks_from_boxes: str = "none",
 ) -> list[SplitSummary]:
     """Write `out/<split>/` shards for every split of `dataset`; return what was written and skipped.
 
     `workers` processes build samples in parallel (the output is identical for any count);
     `rank`/`world_size` take every world_size-th record, for several machines on one output.
     `cagan` (the generator's weights, device and batch) is needed when `cf_methods` has "cagan".
+    `masks_from_boxes="grabcut"` stores a GrabCut mask for every boxed record that has no mask.
     """
     unknown = [m for m in cf_methods if m not in FILLS and m != "cagan"]
     if unknown:
@@ -138,6 +145,8 @@ def preprocess(
             "--cf cagan needs --cagan-weights W.pt (train one with `cfrobust cagan train` "
             "or convert the released model with `cfrobust cagan import`)"
         )
+    if masks_from_boxes not in MASKS_FROM_BOXES:
+        raise UserError(f"unknown --masks-from-boxes {masks_from_boxes!r}; choose one of {', '.join(MASKS_FROM_BOXES)}")
     if resume and overwrite:
         raise UserError("--resume keeps earlier output and --overwrite deletes it: choose one")
     check_counts(size, shard_size, workers, world_size)
@@ -150,7 +159,7 @@ def preprocess(
         raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
     job = Job(
         dataset, Path(out), tuple(cf_methods), size or default_size(dataset), shard_size, strict, rank, world_size,
-        cagan if "cagan" in cf_methods else None, remote,
+        cagan if "cagan" in cf_methods else None, remote, masks_from_boxes,
     )
     try:
         fill = CaganFill(job.cagan) if job.cagan else None  # loaded before any output is claimed: bad weights stop early
@@ -214,7 +223,7 @@ def check_same_job(job: Job, recorded: dict, where: Path) -> None:
     """--resume keeps a split's shards (finished, or journalled so far) only if this run would
     have written the same ones."""
     changed = sorted(key for key, value in job.identity().items()
-                     if resolved_paths(recorded.get(key)) != resolved_paths(value))
+                     if resolved_paths(recorded.get(key, IDENTITY_ADDED.get(key))) != resolved_paths(value))
     if changed:
         raise UserError(
             f"{where}: made with other options ({', '.join(changed)}); --resume continues the same job: "
@@ -356,6 +365,7 @@ def write_manifest(job: Job, split: str, shards: list[dict], summary: SplitSumma
         "shards": shards,
         "size": job.size,
         "cf_methods": list(job.cf_methods),
+        "masks_from_boxes": job.masks_from_boxes,
         "classes": list(job.dataset.classes),
         "groups": sorted(groups),
         "group_counts": dict(sorted(groups.items())),
@@ -393,7 +403,8 @@ def _my_count(job: Job, split: str) -> int | None:
 def build_samples(records: Iterator[Record], job: Job, workers: int) -> Iterator[tuple[Record, dict | str]]:
     """(record, sample) or (record, problem) for each record, in order, built in `workers`
     processes; order is kept so the shards do not depend on the worker count."""
-    task = functools.partial(_sample_or_problem, num_classes=len(job.dataset.classes), size=job.size, cf_methods=job.cf_methods)
+    task = functools.partial(_sample_or_problem, num_classes=len(job.dataset.classes), size=job.size,
+                             cf_methods=job.cf_methods, masks_from_boxes=job.masks_from_boxes)
     if workers <= 1:
         for record in records:
             yield record, task(record)
@@ -439,16 +450,17 @@ def _start_worker(set_opencv_threads: bool) -> None:
         cv2.setNumThreads(1)
 
 
-def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods) -> dict | str:
+def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods, masks_from_boxes: str = "none") -> dict | str:
     if record.problem:
         return record.problem
     try:
-        return make_sample(record, num_classes, size, list(cf_methods))
+        return make_sample(record, num_classes, size, list(cf_methods), masks_from_boxes)
     except RecordError as exc:
         return str(exc)
 
 
-def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[str]) -> dict:
+def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[str],
+                masks_from_boxes: str = "none") -> dict:
     """Validate one record and build its shard sample (raises RecordError when it is bad)."""
     if "." in record.key or "/" in record.key:
         raise RecordError("key contains '.' or '/', which shard file names cannot carry")
@@ -473,6 +485,8 @@ def make_sample(record: Record, num_classes: int, size: int, cf_methods: list[st
             sample[cf_ext(method)] = encode_jpeg(FILLS[method](image, boxes, rng=rng))
     if mask is not None:
         sample[MASK_EXT] = encode_png(binarize(resize(mask, size, nearest=True)))
+    elif boxes and masks_from_boxes == "grabcut":
+        sample[MASK_EXT] = encode_png(binarize(grabcut_mask(image, boxes)))
     sample[META_EXT] = encode_meta(record.label, boxes, record.group, record.split, record.source, record.attrs)
     return sample
 

@@ -22,7 +22,7 @@ from cfrobust.shards.tarstream import iter_tar_samples
 META_FIELDS = ("label", "boxes", "group")
 SAMPLE_PROBLEMS_SHOWN = 5  # per shard: a shard made with other --cf would otherwise print one line per sample
 PART_NAME = re.compile(r"_info\.r(\d+)-of-(\d+)\.json")
-AGREED_FIELDS = ("split", "size", "cf_methods", "classes", "aligned_groups", "source")
+AGREED_FIELDS = ("split", "size", "cf_methods", "classes", "aligned_groups", "source", "masks_from_boxes")
 PART_FIELDS = ("split", "num_samples", "shards", "size", "cf_methods", "classes", "groups", "group_counts",
                "aligned_groups", "source", "skipped")
 _BLOCK = 512
@@ -363,9 +363,9 @@ def check_parts_agree(split_dir: Path, infos: list[dict]) -> None:
     """Parts of one split must describe the same data; a mix of runs would be silently wrong."""
     for field in AGREED_FIELDS:
         for rank, info in enumerate(infos[1:], start=1):
-            if resolved_paths(info[field]) != resolved_paths(infos[0][field]):  # one dataset, however spelt
+            if resolved_paths(info.get(field)) != resolved_paths(infos[0].get(field)):  # one dataset, however spelt
                 raise UserError(f"{split_dir}: partial manifests disagree on {field}: "
-                                f"{infos[0][field]!r} (rank 0) vs {info[field]!r} (rank {rank})")
+                                f"{infos[0].get(field)!r} (rank 0) vs {info.get(field)!r} (rank {rank})")
 
 
 def combine_parts(infos: list[dict]) -> dict:
