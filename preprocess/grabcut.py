@@ -4,8 +4,10 @@ box from the background the box also holds.
 
 Why: the factual keeps, and the saliency penalty allows gradient on, the object region. With
 rectangles that region keeps part of the place the label is confounded with, and the recipe then
-follows it: on the `large` member of the benchmark family, whose boxes are 35-55% of the side,
-rectangles left the worst group near 0 (README, Robust by default).
+follows it: on the `large` member of the benchmark family (objects 35-55% of the side), the
+recipe's test worst group was 0.220 with rectangles against 0.965 with the true masks (seed 0;
+README, Robust by default). GrabCut's masks of that member's training images overlap the true
+ones at 0.983 IoU on average, the rectangles at 0.607.
 """
 
 from __future__ import annotations
