@@ -450,7 +450,8 @@ def _start_worker(set_opencv_threads: bool) -> None:
         cv2.setNumThreads(1)
 
 
-def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods, masks_from_boxes: str = "none") -> dict | str:
+def _sample_or_problem(record: Record, num_classes: int, size: int, cf_methods,
+                       masks_from_boxes: str = "none") -> dict | str:
     if record.problem:
         return record.problem
     try:
