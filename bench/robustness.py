@@ -1,5 +1,5 @@
-"""Robustness on the built-in benchmark family: the recipe against ERM, its terms alone, the ideal
-(ERM on the uncorrelated twin) and the group-balanced oracle, on test worst-group accuracy.
+"""Robustness on the built-in benchmark family: the recipe against ERM, its terms alone and in pairs,
+the ideal (ERM on the uncorrelated twin) and the group-balanced oracle, on test worst-group accuracy.
 
     python bench/robustness.py --out /tmp/robustness [--quick] [--members shapes,small]
                                [--seeds 0,1,2] [--arch simple-cnn] [--runs erm,recipe,ideal]
@@ -43,6 +43,8 @@ RUNS = {
     "cf_only": ({"cf": "tile"}, "correlated"),
     "f_only": ({"f": "mrand"}, "correlated"),
     "sal_only": ({"reg": "bbox_o"}, "correlated"),
+    "f_cf": ({"cf": "tile", "f": "mrand"}, "correlated"),  # the recipe without Sal
+    "f_sal": ({"f": "mrand", "reg": "bbox_o"}, "correlated"),  # the recipe without CF
     "ideal": ({}, "twin"),
     "oracle": ({"balance_groups": True}, "correlated"),
 }
@@ -98,13 +100,14 @@ def main() -> None:
     parser.add_argument("--seeds", default=None)
     parser.add_argument("--runs", default=None, help=f"comma-separated, from {', '.join(RUNS)}")
     parser.add_argument("--arch", default="simple-cnn")
+    parser.add_argument("--sizes", default=None, help="train,val,test images per member (default 2400,400,800)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig option for every run")
     args = parser.parse_args()
     members = args.members.split(",") if args.members else (QUICK["members"] if args.quick else list(VARIANT_NAMES[1:]))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (QUICK["seeds"] if args.quick else [0, 1, 2])
     runs = args.runs.split(",") if args.runs else (QUICK["runs"] if args.quick else list(RUNS))
-    sizes = QUICK["sizes"] if args.quick else FULL_SIZES
+    sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else (QUICK["sizes"] if args.quick else FULL_SIZES)
     extra = parse_sets(args.set)
     results: dict = {}
     start = time.perf_counter()
