@@ -153,12 +153,22 @@ def test_the_same_seed_and_epoch_give_identical_batches(two_shards, one_shard):
 
 
 def test_enough_shards_keep_the_shard_split(two_shards):
-    # 2 shards for 1 rank x 2 workers: each worker reads its own shard (20 and 12 samples).
-    data = TrainShards(two_shards, 4, [], SEED, num_workers=2)
-    assert (data.by_sample, data.per_worker, len(data)) == (False, 3, 6)  # the smaller shard: 12 // 4
+    # 2 shards (20 and 12 samples) for 1 rank x 2 workers, batch 6: each worker reads its own shard
+    # and gets 2 batches, the smaller shard's 12 // 6, as many as sharing out by sample gives (32 // 12).
+    data = TrainShards(two_shards, 6, [], SEED, num_workers=2)
+    assert (data.by_sample, data.per_worker, len(data)) == (False, 2, 4)
     names = shard_order(["train-000000.tar", "train-000001.tar"], SEED, 0)
     for worker in range(2):
         assert set(keys_of(data.iter_worker(worker, 2))) <= set(tar_keys(two_shards / names[worker]))
+
+
+def test_uneven_shards_that_would_drop_batches_share_the_samples_out(two_shards):
+    # Batch 4: by shard each worker would stop at the smaller shard's 12 // 4 = 3 batches, 24 of
+    # the 32 samples; by sample each gets 32 // 8 = 4, and every sample is read.
+    data = TrainShards(two_shards, 4, [], SEED, num_workers=2)
+    assert (data.by_sample, data.per_worker, len(data)) == (True, 4, 8)
+    seen = [key for worker in range(2) for key in keys_of(data.iter_worker(worker, 2))]
+    assert sorted(seen) == sorted(tar_keys(two_shards / "train-000000.tar") + tar_keys(two_shards / "train-000001.tar"))
 
 
 # ---------------------------------------------------------------- workers the data cannot feed

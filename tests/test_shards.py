@@ -32,6 +32,7 @@ from cfrobust.shards.reader import (
     EvalShards,
     TrainShards,
     batches_per_worker,
+    by_sample,
     collate,
     decode_many,
     decode_sample,
@@ -514,6 +515,17 @@ def test_shards_for_worker_and_batches_per_worker():
     assert batches_per_worker([4, 4], 4, 1) == 0  # fewer shards than workers
 
 
+def test_by_sample_when_the_shards_would_drop_a_tenth_of_the_batches():
+    # 2,400 images in shards of 1000, 1000, 400 (preprocess's default size), 2 workers, batch 64:
+    # by shard a worker may be dealt only the 400 (6 batches), by sample each gets 2400 // 128 = 18.
+    assert batches_per_worker([1000, 1000, 400], 2, 64) == 6
+    assert by_sample(3, 6, 18, 2) is True
+    assert by_sample(8, 18, 18, 2) is False  # 8 shards of 300: 4 each, 18 batches either way
+    assert by_sample(101, 95, 100, 16) is False  # 95% of the batches: shards are cheaper to read
+    assert by_sample(101, 89, 100, 16) is True
+    assert by_sample(3, 10, 10, 4) is True  # fewer shards than workers
+
+
 def test_collate_pads_boxes():
     def sample(key, n_boxes, value):
         return {
@@ -596,7 +608,7 @@ def test_eval_with_more_workers_than_shards_through_a_dataloader(tmp_path):
 # ---------------------------------------------------------------- TrainShards
 
 
-def _train_epoch(out, epoch, world=2, workers=2, batch=3):
+def _train_epoch(out, epoch, world=2, workers=2, batch=5):
     """Keys per (rank, worker) for one epoch, and each rank's dataset."""
     by_worker, datasets = {}, []
     for rank in range(world):
@@ -618,17 +630,18 @@ def _train_epoch(out, epoch, world=2, workers=2, batch=3):
 def test_train_two_ranks_two_workers_equal_batches_disjoint_samples(shards, epoch):
     out, _ = shards
     by_worker, datasets = _train_epoch(out, epoch)
-    # 10 shards over 4 workers: each gets >= 2, the two smallest hold 2 + 4 = 6 -> 2 batches of 3.
+    # 10 shards over 4 workers: each gets >= 2, the two smallest hold 2 + 4 = 6 -> 1 batch of 5,
+    # as many as sharing out by sample gives (38 // 20), so the split is shared out by shard.
     for ds in datasets:
-        assert len(ds) == 2 * 2
+        assert len(ds) == 2 * 1 and not ds.by_sample
     assert {key: len(batches) for key, batches in by_worker.items()} == {
-        (0, 0): 2,
-        (0, 1): 2,
-        (1, 0): 2,
-        (1, 1): 2,
+        (0, 0): 1,
+        (0, 1): 1,
+        (1, 0): 1,
+        (1, 1): 1,
     }
     all_keys = [k for batches in by_worker.values() for k in keys_of(batches)]
-    assert len(all_keys) == 4 * 2 * 3
+    assert len(all_keys) == 4 * 1 * 5
     assert len(set(all_keys)) == len(all_keys)  # disjoint across ranks and workers
     # Each worker reads only the shards the shared (seed, epoch) order deals it.
     info = read_info(out / "train")
@@ -660,7 +673,10 @@ def test_train_fewer_shards_than_workers_shares_the_samples_out(shards):
     # train split: 10 shards for 4 workers, but the two smallest (2 + 4) fill no batch of 7.
     data = TrainShards(out / "train", 7, CF, SEED, world_size=2, num_workers=2)
     assert (data.by_sample, data.per_worker) == (True, 1)  # 38 // (4 x 7)
-    assert TrainShards(out / "train", 3, CF, SEED, world_size=2, num_workers=2).by_sample is False
+    # Batch 3: by shard 6 // 3 = 2 batches a worker, by sample 38 // 12 = 3; 2 < 0.9 x 3 drops too much.
+    assert TrainShards(out / "train", 3, CF, SEED, world_size=2, num_workers=2).by_sample is True
+    # Batch 5: 1 batch a worker either way, and by shard no worker reads another's shards.
+    assert TrainShards(out / "train", 5, CF, SEED, world_size=2, num_workers=2).by_sample is False
 
 
 def test_train_too_few_samples_for_the_batch_is_a_user_error(shards):
