@@ -47,6 +47,7 @@ class DatasetSource:
     splits: list[str] = []
     default_size: int = 256  # stored image side when `preprocess --size` is not given
     sized_by_default: bool = False  # every image is default_size on a side: no need to look (synthetic)
+    mixed_order: bool = False  # records() already interleaves the classes: preprocess keeps the order (synthetic)
     aligned_groups: list[str] = []  # groups whose spurious attribute agrees with the label, if known
 
     def records(self, split: str) -> Iterator[Record]:

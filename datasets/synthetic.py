@@ -57,6 +57,7 @@ class SyntheticDataset(DatasetSource):
         self.image_size = image_size
         self.default_size = image_size
         self.sized_by_default = True
+        self.mixed_order = True  # labels alternate (train) or cycle through the groups (val, test) by index
         self.correlation = correlation
         self.twin = twin
         self.classes = self.variant.class_names

@@ -56,7 +56,9 @@ MIN_SIZE, MAX_SIZE = 8, 4096  # --size: smaller images hold no object; larger on
 # 256); then their median shorter side, read from the headers of the first SIZE_SAMPLE of them.
 SIZE_SAMPLE, MILD_UPSCALE = 64, 1.25
 # Job identity keys added since shards were first written: what an older journal or manifest meant.
-IDENTITY_ADDED = {"masks_from_boxes": "none"}
+IDENTITY_ADDED = {"masks_from_boxes": "none", "train_order": "source"}
+TRAIN_SPLIT = "train"  # the split the trainer learns from; the only one written in shuffled order
+ORDER_SEED = 0  # the training split's written order is fixed: the same shards on every run and machine
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation rounding) before it is an error
 
 
@@ -90,7 +92,7 @@ class Job:
     def identity(self) -> dict:
         """What fixes the samples written (recorded in manifests and resume journals)."""
         return {"cf_methods": list(self.cf_methods), "size": self.size, "source": self.dataset.describe(),
-                "masks_from_boxes": self.masks_from_boxes}
+                "masks_from_boxes": self.masks_from_boxes, "train_order": train_order(self.dataset)}
 
     def manifest(self, split: str) -> Path:
         name = INFO_NAME if self.world_size == 1 else part_info_name(self.rank, self.world_size)
@@ -366,6 +368,7 @@ def write_manifest(job: Job, split: str, shards: list[dict], summary: SplitSumma
         "size": job.size,
         "cf_methods": list(job.cf_methods),
         "masks_from_boxes": job.masks_from_boxes,
+        "train_order": train_order(job.dataset),
         "classes": list(job.dataset.classes),
         "groups": sorted(groups),
         "group_counts": dict(sorted(groups.items())),
@@ -391,8 +394,34 @@ def merge_when_complete(job: Job, split: str, refresh: bool = False) -> None:
 
 
 def my_records(job: Job, split: str) -> Iterator[Record]:
-    """This process's records of a split: every world_size-th one, starting at its rank."""
-    return itertools.islice(job.dataset.records(split), job.rank, None, job.world_size)
+    """This process's records of a split: every world_size-th one of written_order, from its rank."""
+    return itertools.islice(written_order(job.dataset, split), job.rank, None, job.world_size)
+
+
+def train_order(dataset: DatasetSource) -> str:
+    """How the training split's records are ordered in its shards: shuffled, or the source's own
+    order where it is mixed already (DatasetSource.mixed_order)."""
+    return "source" if dataset.mixed_order else "shuffled"
+
+
+def written_order(dataset: DatasetSource, split: str) -> Iterator[Record]:
+    """A split's records in the order its shards hold them.
+
+    Sources often list a split class by class (Waterbirds' metadata.csv follows CUB's class
+    folders; a folder dataset, its class folders), and the trainer's shuffle buffer mixes only a
+    few hundred neighbouring samples: such a split trained on one-class batches, and on a
+    Waterbirds-layout set even ERM on the uncorrelated data learnt nothing. So the training split
+    is listed and shuffled here, once, with a fixed seed; the evaluation splits keep the source's
+    order. Records the adapter found unusable come first, in the source's order: they are
+    reported (or stop --strict) as the source lists them, before any image is read.
+    """
+    records = dataset.records(split)
+    if split != TRAIN_SPLIT or train_order(dataset) == "source":
+        return records
+    listed = list(records)
+    usable = [record for record in listed if not record.problem]
+    shuffled = [usable[i] for i in np.random.default_rng(ORDER_SEED).permutation(len(usable))]
+    return iter([record for record in listed if record.problem] + shuffled)
 
 
 def _my_count(job: Job, split: str) -> int | None:

@@ -22,7 +22,8 @@ from cfrobust.shards.tarstream import iter_tar_samples
 META_FIELDS = ("label", "boxes", "group")
 SAMPLE_PROBLEMS_SHOWN = 5  # per shard: a shard made with other --cf would otherwise print one line per sample
 PART_NAME = re.compile(r"_info\.r(\d+)-of-(\d+)\.json")
-AGREED_FIELDS = ("split", "size", "cf_methods", "classes", "aligned_groups", "source", "masks_from_boxes")
+AGREED_FIELDS = ("split", "size", "cf_methods", "classes", "aligned_groups", "source", "masks_from_boxes",
+                 "train_order")
 PART_FIELDS = ("split", "num_samples", "shards", "size", "cf_methods", "classes", "groups", "group_counts",
                "aligned_groups", "source", "skipped")
 _BLOCK = 512
