@@ -61,6 +61,7 @@ class HandMade(DatasetSource):
     name = "handmade"
     classes = ["cat", "dog"]
     default_size = 16
+    mixed_order = True  # stored as listed, so a test can say which shard holds which record
 
     def __init__(self, records: list[Record], splits=("train",)):
         self._records = records
