@@ -416,7 +416,7 @@ def written_order(dataset: DatasetSource, split: str) -> Iterator[Record]:
     reported (or stop --strict) as the source lists them, before any image is read.
     """
     records = dataset.records(split)
-    if split != TRAIN_SPLIT or train_order(dataset) == "source":
+    if split != TRAIN_SPLIT or dataset.mixed_order:
         return records
     listed = list(records)
     usable = [record for record in listed if not record.problem]
