@@ -11,7 +11,7 @@ from torch import nn
 from cfrobust.shards.reader import Batch
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import logp_loss
-from cfrobust.trainer.factual import mrand, other_class_partner
+from cfrobust.trainer.factual import batch_partner, mrand
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.pixels import box_masks
 from cfrobust.trainer.saliency import bbox_outside_penalty, target_logit
@@ -105,9 +105,9 @@ def test_saliency_penalty_is_differentiable_in_the_weights():
 def test_other_class_partner_picks_a_different_class_whenever_one_exists():
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     for seed in range(5):
-        partner = other_class_partner(labels, torch.Generator().manual_seed(seed))
+        partner = batch_partner(labels, torch.Generator().manual_seed(seed), "other-class")
         assert (labels[partner] != labels).all()
-    same = other_class_partner(torch.tensor([4, 4, 4]), torch.Generator().manual_seed(0))
+    same = batch_partner(torch.tensor([4, 4, 4]), torch.Generator().manual_seed(0), "other-class")
     assert (same != torch.arange(3)).all()
 
 
@@ -137,6 +137,39 @@ def test_mrand_with_a_single_class_leaves_a_zero_background():
     holes = box_masks(torch.tensor([[[1.0, 1.0, 4.0, 4.0]]]).expand(3, 1, 4), torch.ones(3, 1, dtype=torch.bool), 6, 6)
     out = mrand(images, holes, torch.tensor([2, 2, 2]))
     assert torch.equal(out, torch.where(holes, images, torch.zeros(())))
+
+
+def test_any_partner_is_never_itself_and_ignores_the_class():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    same_class_picks = 0
+    for seed in range(20):
+        partner = batch_partner(labels, torch.Generator().manual_seed(seed), "any")
+        assert (partner != torch.arange(6)).all()
+        same_class_picks += int((labels[partner] == labels).sum())
+    # 20 draws of 6 rows; a row's chance of a same-class partner is 1/5 or 2/5: some, not all.
+    assert 0 < same_class_picks < 60
+
+
+def test_same_class_partner_picks_its_own_class_whenever_it_can():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    for seed in range(5):
+        partner = batch_partner(labels, torch.Generator().manual_seed(seed), "same-class")
+        assert (partner != torch.arange(6)).all()
+        assert (labels[partner][:5] == labels[:5]).all()  # class 2 has one member: another class's
+
+
+def test_mrand_with_any_partner_uses_a_same_class_background():
+    images = torch.stack([torch.full((3, 4, 4), 1.0), torch.full((3, 4, 4), 2.0)])
+    holes = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    holes[:, :, 0, 0] = True  # a one-pixel object in the corner of each
+    config = TrainConfig(f="mrand", f_partner="any")
+    out = mrand(images, holes, torch.tensor([5, 5]), torch.Generator().manual_seed(0), config=config)
+    # One class, two images: each object lands on the other image's (flat, tile-filled) background.
+    assert out[0, 0, 0, 0].item() == 1.0 and (out[0][~holes[0]] == 2.0).all()
+    assert out[1, 0, 0, 0].item() == 2.0 and (out[1][~holes[1]] == 1.0).all()
+    # The official rule has no other class to take a background from: zeros.
+    official = mrand(images, holes, torch.tensor([5, 5]), config=TrainConfig(f="mrand", f_partner="other-class"))
+    assert (official[~holes] == 0.0).all()
 
 
 def _batch(cf_methods=("tile",), boxed=(True, True, True, True)) -> Batch:

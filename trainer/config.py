@@ -12,6 +12,7 @@ ARCHS = ("simple-cnn", "resnet18", "resnet34", "resnet50", "bit-s-r50x1")
 CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns", "cagan")
 CF_LOSSES = ("logp", "uni", "uni_e", "channels")
 FACTUAL_MODES = ("none", "random", "shuffle", "mrand", "fgsm", "pgd")
+FACTUAL_PARTNERS = ("other-class", "any")  # the rules of trainer/factual.py batch_partner a user may pick
 REGULARIZERS = ("none", "bbox_o", "bbox_f1", "gs")
 NORMALIZATIONS = ("imagenet", "bit")
 OBJECT_REGIONS = ("mask", "box")
@@ -214,6 +215,12 @@ class TrainConfig:
         "Factual augmentation (object kept, background replaced, label y): random colour+noise, shuffle, "
         "mrand = another class's background, fgsm/pgd = adversarial background.",
         FACTUAL_MODES,
+    )
+    f_partner: str = option(
+        "other-class",
+        "mrand: whose background an object is pasted on. other-class = an image of another class (the official "
+        "rule); any = any other image of the batch, so that the factual's background says nothing about its label.",
+        FACTUAL_PARTNERS,
     )
     f_eps: float = option(0.6, "fgsm/pgd: L-inf radius of the background perturbation, in normalised units.")
     f_alpha: float = option(0.0, "pgd: step size (0: eps / 4).")

@@ -18,23 +18,34 @@ from cfrobust.trainer.module_modes import evaluation_mode, unwrap
 from cfrobust.trainer.pixels import normalized_range
 
 
-def other_class_partner(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each sample, a random other sample of a different class (same class only if none)."""
+PARTNER_RULES = ("other-class", "any", "same-class")
+
+
+def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None, rule: str = "other-class") -> torch.Tensor:
+    """For each sample, a random other sample of the batch: of another class (other-class), of its
+    own class (same-class) or either (any). Where the rule has no one to offer, any other sample;
+    itself only in a batch of one."""
     n = len(labels)
+    same = labels[:, None] == labels[None, :]
+    preferred = {"other-class": ~same, "same-class": same, "any": torch.zeros_like(same)}[rule]
     noise = torch.rand(n, n, generator=generator, device=labels.device)
-    differs = (labels[:, None] != labels[None, :]).float()
-    itself = torch.eye(n, device=labels.device)
-    return (noise + 2 * differs - 4 * itself).argmax(dim=1)
+    return (noise + 2 * preferred.float() - 4 * torch.eye(n, device=labels.device)).argmax(dim=1)
 
 
 def mrand(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
-    """The object (by its region) on the real background of an image of another class in the
-    batch, whose own object is tile-filled (its boxes' rectangles as the hole) so that its shape
-    does not come along; with a single class in the batch there is no other background, and it
-    stays 0 (official `mrand`: FactualMixedRandomTileInpainter)."""
-    if bool((labels == labels[0]).all()):
+    """The object (by its region) on the real background of another image of the batch, whose own
+    object is tile-filled (its boxes' rectangles as the hole) so that its shape does not come along.
+
+    Whose background: --f-partner. other-class (official `mrand`, FactualMixedRandomTileInpainter)
+    takes an image of another class; with a single class in the batch there is none, and the
+    background stays 0. any takes any other image: a model that learns to spot a pasted object
+    cannot then read the label as "the other class's background", which is exactly what the
+    other-class rule teaches it when backgrounds follow the label (README, On data nobody tuned for).
+    """
+    partner_rule = "other-class" if config is None else config.f_partner
+    if len(labels) < 2 or (partner_rule == "other-class" and bool((labels == labels[0]).all())):
         return images.masked_fill(~holes, 0.0)
-    partner = other_class_partner(labels, generator)
+    partner = batch_partner(labels, generator, partner_rule)
     return torch.where(holes, images, online_tile(images, holes if rects is None else rects)[partner])
 
 
