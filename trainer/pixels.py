@@ -122,3 +122,15 @@ def tiled_backgrounds(images: torch.Tensor, holes: torch.Tensor) -> torch.Tensor
     colour = (images * outside).sum(dim=(2, 3), keepdim=True) / outside.sum(dim=(2, 3), keepdim=True).clamp(min=1)
     no_band = ((rows == 0) & (cols == 0))[:, None, None, None]
     return torch.where(no_band, colour.expand_as(images), tiled)
+
+
+def erode(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Bool masks [B, 1, H, W] shrunk by `pixels` (a square structuring element); pixels beyond the
+    image edge count as inside, so an object cut by the frame keeps its edge there. A mask that
+    would vanish stays as it was: an object is never erased altogether."""
+    if pixels <= 0:
+        return masks
+    outside = (~masks).float()
+    shrunk = torch.nn.functional.max_pool2d(outside, 2 * pixels + 1, stride=1, padding=pixels) == 0
+    kept = shrunk.flatten(1).any(dim=1)[:, None, None, None]
+    return torch.where(kept, shrunk, masks)
