@@ -13,7 +13,7 @@ factual rows without the object. More rows help to read it: the images as they a
 with its own box tile-filled and its object put back (the paste's seams on its own background);
 and the other-class paste with the mask shrunk by 1 and 2 pixels. A model that reads the thin rim
 of the image's own background that a mask's edge keeps (see `--f-erode`) loses most of its
-other-class accuracy there; one that reads the shape loses little.
+other-class accuracy there; one that reads the shape should lose little.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from click.testing import CliRunner
 
 from cfrobust.cli.main import cli
@@ -17,7 +18,9 @@ from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.factual import mrand
 from cfrobust.trainer.fills import online_tile
-from cfrobust.trainer.pixels import normalize, set_normalization
+from cfrobust.trainer.objective import Objective
+from cfrobust.shards.reader import Batch
+from cfrobust.trainer.pixels import erode, normalize, set_normalization
 from cfrobust.trainer.saliency import outside_box_penalty
 from cfrobust.trainer.train import train
 
@@ -67,6 +70,42 @@ def test_mrand_keeps_the_mask_and_fills_the_rest_of_the_box_from_the_other_backg
     assert torch.equal(out[~region.expand_as(x)], partner_background[~region.expand_as(x)])
     inside_box_outside_mask = (rects & ~region).expand_as(x)
     assert not torch.equal(out[inside_box_outside_mask], x[inside_box_outside_mask])
+
+
+def test_erode_shrinks_a_mask_keeps_the_frame_edge_and_never_erases_an_object():
+    masks = torch.zeros(3, 1, 9, 9, dtype=torch.bool)
+    masks[0, 0, 2:7, 2:7] = True  # a 5 x 5 square
+    masks[1, 0, 0:4, 0:9] = True  # a band along the top edge of the frame
+    masks[2, 0, 4, 3:6] = True  # a 1 x 3 line: erosion would leave nothing
+    shrunk = erode(masks, 1)
+    expected = torch.zeros_like(masks)
+    expected[0, 0, 3:6, 3:6] = True
+    expected[1, 0, 0:3, 0:9] = True  # only the side inside the image moves
+    expected[2] = masks[2]
+    assert torch.equal(shrunk, expected)
+    assert torch.equal(erode(masks, 0), masks)
+    assert torch.equal(erode(masks, 2)[0, 0], (torch.arange(9)[:, None] == 4) & (torch.arange(9)[None, :] == 4))
+
+
+def test_f_erode_pastes_the_shrunk_mask_and_leaves_its_rim_to_the_partner():
+    n = 2
+    images = torch.stack([torch.full((3, 12, 12), 10, dtype=torch.uint8), torch.full((3, 12, 12), 200, dtype=torch.uint8)])
+    masks = torch.zeros(n, 1, 12, 12, dtype=torch.bool)
+    masks[:, :, 3:8, 3:8] = True
+    batch = Batch(images=images, labels=torch.tensor([0, 1]), boxes=torch.tensor([[[2.0, 2.0, 9.0, 9.0]]] * n),
+                  box_valid=torch.ones(n, 1, dtype=torch.bool), cf={}, masks=masks)
+    seen = {}
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 144, 2))
+    objective = Objective(TrainConfig(f="mrand", f_erode="auto"))  # 1 px at this side
+    objective._forward = lambda model, rows: seen.update(rows) or {name: model(r) for name, r in rows.items()}
+    objective(model, batch)
+    x = normalize(images)
+    inner = erode(masks, 1)
+    factual = seen["f"]
+    # The eroded object is the image's own; its one-pixel rim now shows the other image (tile-filled flat).
+    assert torch.equal(factual[inner.expand_as(x)], x[inner.expand_as(x)])
+    rim = (masks & ~inner).expand_as(x)
+    assert torch.equal(factual[rim], x[[1, 0]][rim])
 
 
 def test_bbox_o_with_a_mask_penalises_exactly_the_pixels_outside_it():

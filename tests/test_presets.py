@@ -46,6 +46,8 @@ OFFICIAL_WATERBIRDS = {
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
+    "f_partner": "other-class",  # inpainting/Baseline.py:170-171 indicators = (tmp != tmp.T): another class
+    "f_erode": "0",  # inpainting/Baseline.py:184 X * mask + bg[swap] * (1 - mask): the mask unshrunk
     "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
     "reg_anneal": "0",  # lightning/waterbird.py:119 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
@@ -73,6 +75,8 @@ OFFICIAL_IN9 = {
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
+    "f_partner": "other-class",  # inpainting/Baseline.py:170-171 indicators = (tmp != tmp.T): another class
+    "f_erode": "0",  # inpainting/Baseline.py:184 X * mask + bg[swap] * (1 - mask): the mask unshrunk
     "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
     "reg_anneal": "0",  # lightning/in9.py:165 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
@@ -105,6 +109,8 @@ OFFICIAL_CCT = {
     "reg_measure": "raw",  # lightning/base.py:153-155 bbox_o = ((grad * (1 - mask)) ** 2).mean()
     "cf_loss": "logp",  # train_pl.py:56 parser.add_argument("--cf", default='logp')
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
+    "f_partner": "other-class",  # inpainting/Baseline.py:170-171 indicators = (tmp != tmp.T): another class
+    "f_erode": "0",  # inpainting/Baseline.py:184 X * mask + bg[swap] * (1 - mask): the mask unshrunk
     "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
     "reg_anneal": "0",  # lightning/cct.py:109 parser.add_argument("--reg_anneal", type=float, default=0.)
 }

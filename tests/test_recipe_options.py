@@ -77,14 +77,14 @@ def test_balanced_ce_weighs_each_image_by_its_group():
     assert terms["ce"].item() == pytest.approx(((0.5 * per_image[0] + 3.0 * per_image[1] + 0.5 * per_image[2]) / 3).item())
 
 
-def test_factual_weight_is_classes_minus_one_by_default_and_the_ce_weighs_factual_rows_by_it():
-    assert Objective(TrainConfig(f="mrand"), num_classes=4).factual_weight() == 3.0
-    assert Objective(TrainConfig(f="mrand"), num_classes=2).factual_weight() == 1.0  # the official weight
-    assert Objective(TrainConfig(f="mrand"), num_classes=1).factual_weight() == 1.0
+def test_factual_weight_auto_is_classes_minus_one_and_the_ce_weighs_factual_rows_by_it():
+    assert Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=4).factual_weight() == 3.0
+    assert Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=2).factual_weight() == 1.0  # the official weight
+    assert Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=1).factual_weight() == 1.0
     assert Objective(TrainConfig(f="mrand", f_weight="2.5"), num_classes=4).factual_weight() == 2.5
     # Without num_classes, auto reads K from the logits (cf-loss channels: 2K outputs, K classes).
-    assert Objective(TrainConfig(f="mrand", cf="tile", cf_loss="channels")).factual_weight(torch.zeros(2, 10)) == 4.0
-    objective = Objective(TrainConfig(f="mrand"), num_classes=4)
+    assert Objective(TrainConfig(f="mrand", f_weight="auto", cf="tile", cf_loss="channels")).factual_weight(torch.zeros(2, 10)) == 4.0
+    objective = Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=4)
     logits = {"x": torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]), "f": torch.tensor([[0.0, 0.0, 3.0, 0.0]])}
     y, has_box = torch.tensor([0, 2]), torch.tensor([False, True])
     x_losses = F.cross_entropy(logits["x"], y, reduction="none")
@@ -96,14 +96,40 @@ def test_factual_weight_is_classes_minus_one_by_default_and_the_ce_weighs_factua
     assert objective.rows_per_term(batch)["ce"].item() == 2 + 3 * 1  # the CE's denominator, for --batch-split
 
 
+def test_f_weight_replace_trains_a_boxed_image_by_its_factual_alone_and_an_unboxed_one_by_itself():
+    objective = Objective(TrainConfig(f="mrand", f_weight="replace"), num_classes=4)
+    logits = {"x": torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]]),
+              "f": torch.tensor([[0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.0, 0.0]])}
+    y, has_box = torch.tensor([0, 2, 3]), torch.tensor([False, True, True])
+    expected = (F.cross_entropy(logits["x"][:1], y[:1], reduction="sum")
+                + F.cross_entropy(logits["f"], y[1:], reduction="sum")) / 3
+    assert objective._cross_entropy(logits, y, has_box, None, None).item() == pytest.approx(expected.item())
+    batch = Batch(images=torch.zeros(3, 3, 4, 4, dtype=torch.uint8), labels=y, boxes=torch.zeros(3, 1, 4),
+                  box_valid=has_box[:, None], groups=["a", "b", "c"], keys=["0", "1", "2"])
+    assert objective.rows_per_term(batch)["ce"].item() == 3  # one CE row per image
+
+
 def test_f_weight_must_be_auto_or_positive(tiny_shards):
     from cfrobust.errors import UserError
     from cfrobust.trainer.train import check_config
 
     info = json.loads((tiny_shards / "train" / "_info.json").read_text())
     for bad in ("0", "-1", "many"):
-        with pytest.raises(UserError, match=f"--f-weight {bad}: must be auto or a number above 0"):
+        with pytest.raises(UserError, match=f"--f-weight {bad}: must be auto, replace or a number above 0"):
             check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_weight=bad), info)
+
+
+def test_f_erode_auto_is_one_pixel_per_64_of_the_side_and_must_be_auto_or_whole(tiny_shards):
+    from cfrobust.errors import UserError
+    from cfrobust.trainer.train import check_config
+
+    assert [TrainConfig(f_erode="auto").f_erode_pixels(side) for side in (16, 64, 96, 128, 224)] == [1, 1, 2, 2, 4]
+    assert TrainConfig().f_erode_pixels(224) == 0  # the default: the mask as it is
+    assert [TrainConfig(f_erode=n).f_erode_pixels(224) for n in ("0", "3")] == [0, 3]
+    info = json.loads((tiny_shards / "train" / "_info.json").read_text())
+    for bad in ("-1", "1.5", "some"):
+        with pytest.raises(UserError, match=f"--f-erode {bad}: must be auto or a whole number of pixels"):
+            check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode=bad), info)
 
 
 def test_select_by_auto_is_worst_group_where_groups_carry_more_than_the_class(tiny_shards, tmp_path):
@@ -123,10 +149,10 @@ def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained(
     from cfrobust.trainer.train import changed_options
 
     old = {k: v for k, v in TrainConfig(reg="bbox_o").to_dict().items()
-           if k not in ("object_region", "reg_measure", "select_by", "f_weight")}
+           if k not in ("object_region", "reg_measure", "select_by", "f_weight", "f_partner", "f_erode")}
     recorded = TrainConfig.from_dict(old)
     assert (recorded.object_region, recorded.reg_measure, recorded.select_by) == ("box", "raw", "accuracy")
-    assert recorded.f_weight == "1"
+    assert (recorded.f_weight, recorded.f_partner, recorded.f_erode) == ("1", "other-class", "0")
     assert recorded.describe() == "Sal(bbox_o raw, grad_y, λ=0.1)"
     assert changed_options(old, TrainConfig(reg="bbox_o")) == ["f_weight", "object_region", "reg_measure", "select_by"]
     assert changed_options(old, recorded) == []

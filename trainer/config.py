@@ -27,6 +27,16 @@ REG_GRADS = ("grad_y", "grad_sum", "grad_logp_y", "grad_logp_sum", "deeplift", "
 # the file with --pretrained, which no preset sets. The images go through Resize 256 (CCT: shorter
 # side 224), a random 224 crop keeping a box in view, a flip, then mean = std = 0.5; evaluation
 # resizes to 224. Their ColorJitter() has no ranges, i.e. changes nothing: color_jitter stays off.
+
+# How the official code weighs and builds the method's terms, the same for every dataset.
+_OFFICIAL_TERMS = dict(
+    reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
+    cf_loss="logp",  # train_pl.py:56 (--cf default logp)
+    f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
+    f_partner="other-class",  # inpainting/Baseline.py:170-184 (FactualMixedRandomTileInpainter: y != y')
+    f_erode="0",  # inpainting/Baseline.py:184 (X * mask + bg[swap] * (1 - mask): the mask as it is)
+    cf_coeff=1.0,  # train_pl.py:57 (--cf_coeff default 1)
+)
 _WATERBIRDS = dict(
     arch="bit-s-r50x1",  # lightning/waterbird.py:109 (--arch default BiT-S-R50x1)
     optimizer="sgd",  # lightning/waterbird.py:37
@@ -48,10 +58,7 @@ _WATERBIRDS = dict(
     color_jitter="",  # data/waterbirds_datasets.py:109 (ColorJitter() without ranges: the identity)
     eval_size=224,  # lightning/waterbird.py:81 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
     object_region="mask",  # data/waterbirds_datasets.py:71-76 (the segmentation mask is the object)
-    reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
-    cf_loss="logp",  # train_pl.py:56 (--cf default logp)
-    f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
-    cf_coeff=1.0,  # train_pl.py:57 (--cf_coeff default 1)
+    **_OFFICIAL_TERMS,
     reg_anneal="0",  # lightning/waterbird.py:119 (--reg_anneal default 0: no ramp)
 )
 _IN9 = dict(
@@ -75,10 +82,7 @@ _IN9 = dict(
     color_jitter="",  # data/in9_datasets.py:151 (ColorJitter() without ranges: the identity)
     eval_size=224,  # lightning/in9.py:122 -> data/imagenet_datasets.py:188, 191 (Resize 224 x 224)
     object_region="mask",  # lightning/in9.py:153 (--mask seg), data/in9_datasets.py:51-61 (mask from no_fg)
-    reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
-    cf_loss="logp",  # train_pl.py:56 (--cf default logp)
-    f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
-    cf_coeff=1.0,  # train_pl.py:57 (--cf_coeff default 1)
+    **_OFFICIAL_TERMS,
     reg_anneal="0",  # lightning/in9.py:165 (--reg_anneal default 0: no ramp)
 )
 PRESETS = {
@@ -111,10 +115,7 @@ PRESETS = {
         color_jitter="",  # data/cct_datasets.py:144 (ColorJitter() without ranges: the identity)
         eval_size=224,  # data/cct_datasets.py:152, 154 (Resize 224 x 224)
         object_region="box",  # data/cct_datasets.py:103-120 (boxes only; CCT has no masks)
-        reg_measure="raw",  # lightning/base.py:153-155 (bbox_o: the mean of the squared gradient outside)
-        cf_loss="logp",  # train_pl.py:56 (--cf default logp)
-        f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
-        cf_coeff=1.0,  # train_pl.py:57 (--cf_coeff default 1)
+        **_OFFICIAL_TERMS,
         reg_anneal="0",  # lightning/cct.py:109 (--reg_anneal default 0: no ramp)
     ),
 }
@@ -219,18 +220,25 @@ class TrainConfig:
     f_partner: str = option(
         "other-class",
         "mrand: whose background an object is pasted on. other-class = an image of another class (the official "
-        "rule); any = any other image of the batch, so that the factual's background says nothing about its label.",
+        "rule), which points a factual's background away from its label where backgrounds follow it; any = any "
+        "other image of the batch, so that the background says nothing about the label.",
         FACTUAL_PARTNERS,
+    )
+    f_erode: str = option(
+        "0",
+        "Pixels by which a factual shrinks the object's mask before it keeps the object: a whole number (0: the mask "
+        "as it is, as the official code), or auto = 1 per 64 px of the training image's shorter side. A mask's edge "
+        "keeps a rim of the image's own background, which tells the place; boxes are never shrunk.",
     )
     f_eps: float = option(0.6, "fgsm/pgd: L-inf radius of the background perturbation, in normalised units.")
     f_alpha: float = option(0.0, "pgd: step size (0: eps / 4).")
     f_steps: int = option(3, "pgd: attack steps.")
     f_weight: str = option(
         "auto",
-        "Weight of each factual's CE against an original image's: a number above 0, or auto = the number of "
-        "classes - 1. A factual shows its object on another class's background; when the training backgrounds "
-        "follow the label, K - 1 factuals' weight per original lets every background come with every class about "
-        "equally often in the CE (auto is 1 for two classes, the official equal weighting; every --preset uses 1).",
+        "How a boxed image's factual counts in the CE: a number above 0 = beside the image, with that weight against "
+        "the original's (every --preset: 1, the official sum); auto = the number of classes - 1 (1 for two classes); "
+        "replace = in place of the image (its CE is the factual's, so that no image in the CE shows a background "
+        "that follows the label; the original still trains CF and Sal).",
     )
     reg: str = option(
         "none", "Saliency penalty: bbox_o = gradients outside the boxes; bbox_f1, gs as the official code.", REGULARIZERS
@@ -310,6 +318,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def f_erode_pixels(self, side: int) -> int:
+        """--f-erode in pixels for training images whose shorter side is `side`."""
+        return max(1, round(side / 64)) if self.f_erode == "auto" else int(self.f_erode)
 
     def reg_anneal_epochs(self) -> int:
         """--reg-anneal in epochs: auto is about a quarter of the run, and always fewer than --epochs."""

@@ -33,7 +33,7 @@ from cfrobust.trainer.hvp import (
     value_and_direction,
 )
 from cfrobust.trainer.module_modes import running_statistics_frozen, unwrap
-from cfrobust.trainer.pixels import box_masks, normalize
+from cfrobust.trainer.pixels import box_masks, erode, normalize
 from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient, outside_share_penalty
 
 ATTRIBUTIONS = {"deeplift": deeplift, "grad_cam": grad_cam}
@@ -132,8 +132,10 @@ class Objective:
         chunk's term weighs its rows over the whole batch's, so that the chunks add up to the
         batch's means even when the boxed samples fall unevenly between them."""
         boxed = batch.box_valid.any(dim=1).sum()
-        rows = {"ce": self.factual_weight() * boxed + len(batch) if self.factual is not None
-                else torch.full_like(boxed, len(batch))}
+        if self.factual is None or self.replaces_originals:  # replace: one CE row per image still
+            rows = {"ce": torch.full_like(boxed, len(batch))}
+        else:
+            rows = {"ce": self.factual_weight() * boxed + len(batch)}
         if self.cf_loss is not None:
             rows["cf"] = boxed
         if self.regularizer is not None:
@@ -148,8 +150,12 @@ class Objective:
             rows["x_sal"] = x
         clean = x.detach()
         if self.factual is not None and bool(has_box.any()):
+            # A mask's edge pixels carry some of the image's own background (blur, JPEG, the
+            # threshold that made the mask): pasted as they are, they tell the place, hence the label.
+            side = min(x.shape[2], x.shape[3])
+            kept = region if batch.masks is None else erode(region, self.config.f_erode_pixels(side))
             rows["f"] = self.factual(
-                clean[has_box], region[has_box], y[has_box], self.generator, model=model, config=self.config,
+                clean[has_box], kept[has_box], y[has_box], self.generator, model=model, config=self.config,
                 rects=holes[has_box],
             )
         if self.cf_loss is not None:
@@ -172,15 +178,25 @@ class Objective:
         if "f" not in logits:
             return losses[0].mean()
         factual = F.cross_entropy(logits["f"], y[has_box], label_smoothing=smoothing, reduction="none")
+        if self.replaces_originals:
+            unboxed = losses[0][~has_box]
+            return (unboxed.sum() + factual.sum()) / (len(unboxed) + len(factual))
         weight = self.factual_weight(logits["x"])
         return (losses[0].sum() + weight * factual.sum()) / (len(losses[0]) + weight * len(factual))
 
+    @property
+    def replaces_originals(self) -> bool:
+        """--f-weight replace: a boxed image's CE is its factual's alone (its original still
+        trains CF and Sal); an image without a box keeps its original."""
+        return self.config.f_weight == "replace"
+
     def factual_weight(self, logits: torch.Tensor | None = None) -> float:
-        """A factual row's weight in the CE against an original's: --f-weight, where auto is the
-        number of classes - 1. Each factual carries the background of one of the K - 1 other
-        classes; at that weight, when every original's background is its own class's, each
-        background comes with each class about equally often in the CE (the official equal
-        weight does that for two classes only: on four, the recipe stayed near the place)."""
+        """A factual row's weight in the CE beside its original: --f-weight, where auto is the
+        number of classes - 1. Under --f-partner other-class each factual carries the background
+        of one of the K - 1 other classes; at that weight, when every original's background is its
+        own class's, each background comes with each class about equally often in the CE (the
+        official equal weight does that for two classes only: on four, the recipe stayed near the
+        place)."""
         if self.config.f_weight != "auto":
             return float(self.config.f_weight)
         if self.num_classes is None and logits is None:
