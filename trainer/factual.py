@@ -18,9 +18,6 @@ from cfrobust.trainer.module_modes import evaluation_mode, unwrap
 from cfrobust.trainer.pixels import normalized_range
 
 
-PARTNER_RULES = ("other-class", "any", "same-class")
-
-
 def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None, rule: str = "other-class") -> torch.Tensor:
     """For each sample, a random other sample of the batch: of another class (other-class), of its
     own class (same-class) or either (any). Where the rule has no one to offer, any other sample;
