@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cfrobust.errors import UserError
 from cfrobust.trainer.bit import StdConv2d, bit_s_r50x1, load_bit_npz
-from cfrobust.trainer.models import build_model, load_pretrained
+from cfrobust.trainer.models import build_model, load_pretrained, resolve_arch
 
 ARCHS = ["simple-cnn", "resnet18", "resnet34", "resnet50", "bit-s-r50x1"]
 
@@ -191,3 +191,23 @@ def test_torchvision_weights_come_from_the_cache_with_a_fresh_head(offline_hub):
     assert not torch.equal(model.fc.weight, imagenet["fc.weight"])
     with pytest.raises(UserError, match=r"torchvision is for resnet18, resnet34, resnet50, not 'bit-s-r50x1'"):
         build_model("bit-s-r50x1", 3, pretrained="torchvision")
+
+
+def test_arch_auto_is_the_net_the_weights_are_for_and_simple_cnn_without_weights(tmp_path):
+    assert resolve_arch("auto", "") == "simple-cnn"
+    assert resolve_arch("auto", "torchvision") == "resnet50"
+    assert resolve_arch("auto", "weights/BiT-S-R50x1.NPZ") == "bit-s-r50x1"  # not read: the suffix says it
+    assert resolve_arch("resnet18", "") == "resnet18"  # a named architecture is kept as it is
+    for arch in ("simple-cnn", "resnet18", "resnet34"):
+        path = tmp_path / f"{arch}.pt"
+        torch.save({"model": build_model(arch, 7).state_dict(), "config": {}}, path)  # a checkpoint's layout
+        assert resolve_arch("auto", str(path)) == arch
+    bare = tmp_path / "resnet50.pth"
+    state = build_model("resnet50", 3).state_dict()
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, bare)  # torchvision's files lack them
+    assert resolve_arch("auto", str(bare)) == "resnet50"
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, foreign)
+    with pytest.raises(UserError, match=r"foreign.pt: its weights fit none of simple-cnn, resnet18, resnet34, "
+                                        r"resnet50, bit-s-r50x1; name the architecture with --arch"):
+        resolve_arch("auto", str(foreign))

@@ -97,7 +97,7 @@ def test_an_empty_val_split_leaves_the_last_epoch_best(tmp_path):
 def test_cli_train_then_eval_reproduces_the_run_figures(tiny_shards, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
-    args = ["train", "--shards", str(tiny_shards), "--out", str(run), "--arch", "simple-cnn", "--epochs", "2",
+    args = ["train", "--shards", str(tiny_shards), "--out", str(run), "--epochs", "2",  # --arch auto: simple-cnn
             "--batch", "32", "--workers", "1", "--cf", "tile", "--f", "mrand", "--reg", "bbox_o", "--device", "cpu"]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -110,6 +110,7 @@ def test_cli_train_then_eval_reproduces_the_run_figures(tiny_shards, tmp_path):
     assert result.exit_code == 0, result.output
     evaluated, trained = json.loads(out.read_text()), json.loads((run / "eval.json").read_text())
     assert evaluated["config"] == trained["config"]
+    assert trained["config"]["arch"] == "simple-cnn"  # recorded resolved, so eval rebuilt the same net
     for split in ("val", "test"):
         for key in ("n", "accuracy", "worst_group_accuracy", "groups"):
             assert evaluated["splits"][split][key] == trained["splits"][split][key]

@@ -141,7 +141,10 @@ class TrainConfig:
     cache_dir: str = option("", "With a URL --shards: keep each shard here once its sha256 matches the manifest; "
                             "later epochs read the copy ('': stream every epoch).")
     out: str = option("", "Run folder to create: config.json, metrics.jsonl, checkpoints/, eval.json.")
-    arch: str = option("resnet50", "Model architecture.", ARCHS)
+    arch: str = option("auto", "Model architecture. auto: the one --pretrained's weights are for (resnet50 for "
+                       "'torchvision', bit-s-r50x1 for a BiT .npz, the net a .pt file's weights fit), and simple-cnn "
+                       "from random weights, the one learner here that learns an object's shape from scratch within "
+                       "the default epochs (a resnet50 from scratch stayed at chance, README).", ("auto",) + ARCHS)
     pretrained: str = option("", "Initial weights: '' (random), 'torchvision', a state-dict .pt file, or a BiT .npz file.")
     preset: str = option("none", "The paper's hyperparameters for a dataset; explicit options override it.", PRESET_NAMES)
     epochs: int = option(15, "Training epochs.")

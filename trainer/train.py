@@ -18,7 +18,7 @@ import copy
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from cfrobust.trainer.counterfactual import output_size
 from cfrobust.distributed import DistEnv, gather_objects, setup_distributed, sync_buffers, teardown_distributed
 from cfrobust.trainer.evaluate import eval_document, evaluate_splits, write_json
 from cfrobust.trainer.fills import ONLINE_FILLS
-from cfrobust.trainer.models import build_model, on_device
+from cfrobust.trainer.models import build_model, on_device, resolve_arch
 from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.pixels import set_normalization, using_normalization
@@ -71,6 +71,7 @@ class RunState:
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
+    config = replace(config, arch=resolve_arch(config.arch, config.pretrained))  # saved resolved: eval rebuilds it
     set_normalization(config.normalize)  # train() restores the caller's afterwards
     if config.precision == "16" and env.device.type != "cuda":
         raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
