@@ -102,6 +102,7 @@ def test_cli_train_then_eval_reproduces_the_run_figures(tiny_shards, tmp_path):
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert f"written to {run}/eval.json" in result.output
+    assert "note: --arch auto without --pretrained trains simple-cnn from random weights" in result.output
     again = runner.invoke(cli, args)
     assert again.exit_code == 1 and "already holds a run; pass --resume to continue it, --overwrite" in again.output
     out = tmp_path / "eval.json"
