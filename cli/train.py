@@ -34,10 +34,6 @@ def train(ctx, **options) -> None:
         # The paper fine-tunes ImageNet weights; its presets' schedules do not train from scratch.
         click.echo(f"warning: --preset {config.preset} without --pretrained trains {config.arch} from random "
                    f"weights; the paper starts from ImageNet weights (--pretrained FILE)", err=True)
-    if config.arch == "auto" and not config.pretrained and os.environ.get("RANK", "0") == "0":
-        click.echo("note: --arch auto without --pretrained trains simple-cnn from random weights (small images, "
-                   "minutes on a CPU); the paper fine-tunes ImageNet weights: --pretrained torchvision (resnet50) "
-                   "or --pretrained BiT-S-R50x1.npz", err=True)
     document = run_training(config)
     test = document["splits"].get("test")
     if test is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports

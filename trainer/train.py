@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -43,6 +44,11 @@ from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.pixels import set_normalization, using_normalization
 from cfrobust.trainer.saliency import SALIENCY_SCORES
 from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
+
+
+AUTO_ARCH_NOTE = ("note: --arch auto without --pretrained trains simple-cnn from random weights (small images, minutes "
+                  "on a CPU); the paper fine-tunes ImageNet weights: --pretrained torchvision (resnet50) or "
+                  "--pretrained BiT-S-R50x1.npz")
 
 
 def train(config: TrainConfig) -> dict:
@@ -71,6 +77,7 @@ class RunState:
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
+    chose_arch = config.arch == "auto"
     config = replace(config, arch=resolve_arch(config.arch, config.pretrained))  # saved resolved: eval rebuilds it
     set_normalization(config.normalize)  # train() restores the caller's afterwards
     if config.precision == "16" and env.device.type != "cuda":
@@ -91,6 +98,8 @@ def train_in(env: DistEnv, config: TrainConfig):
             save_checkpoint(out / "checkpoints" / "last.pt", saved)
 
     with TrainLog(out, config, env.is_main, resumed_at=state.step if checkpoint is not None else None) as log:
+        if chose_arch and not config.pretrained and env.is_main and not config.quiet:
+            print(AUTO_ARCH_NOTE, file=sys.stderr)  # after every check: a bad option stays a one-line error
         for epoch in range(state.epoch, config.epochs):
             data.set_epoch(epoch)
             parts.objective.set_epoch(epoch)
