@@ -70,6 +70,14 @@ def test_resume_of_a_finished_run_does_not_train_again(tiny_shards, tmp_path):
     assert again["splits"] == first["splits"]
 
 
+def test_resume_with_arch_auto_continues_the_net_the_run_recorded(tiny_shards, tmp_path):
+    first = train(config_of(tiny_shards, tmp_path / "run", epochs=1, arch="resnet18"))  # e.g. a former default
+    again = train(config_of(tiny_shards, tmp_path / "run", epochs=1, arch="auto", resume=True))
+    assert again["splits"] == first["splits"] and again["config"]["arch"] == "resnet18"
+    with pytest.raises(UserError, match=r"made with other options \(arch\)"):  # a named net is still checked
+        train(config_of(tiny_shards, tmp_path / "run", epochs=1, arch="simple-cnn", resume=True))
+
+
 def test_resume_with_other_options_is_refused(tiny_shards, tmp_path):
     train(config_of(tiny_shards, tmp_path / "run", epochs=1))
     with pytest.raises(UserError, match=r"made with other options \(lr\)"):

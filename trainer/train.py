@@ -78,7 +78,7 @@ def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
     chose_arch = config.arch == "auto"
-    config = replace(config, arch=resolve_arch(config.arch, config.pretrained))  # saved resolved: eval rebuilds it
+    config = replace(config, arch=chosen_arch(config))  # saved resolved: eval rebuilds it
     set_normalization(config.normalize)  # train() restores the caller's afterwards
     if config.precision == "16" and env.device.type != "cuda":
         raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")
@@ -122,6 +122,18 @@ def train_in(env: DistEnv, config: TrainConfig):
     if env.is_main:
         write_json(out / "eval.json", document)
     return document, model
+
+
+def chosen_arch(config: TrainConfig) -> str:
+    """The net --arch names; auto resumes as the run it continues recorded (one made before auto
+    existed may hold the former default, resnet50), else resolve_arch's choice."""
+    recorded = Path(config.out) / "config.json"
+    if config.arch == "auto" and config.resume and recorded.is_file():
+        try:
+            return str(json.loads(recorded.read_text())["arch"])
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable record: resume_point names what is wrong with the run
+    return resolve_arch(config.arch, config.pretrained)
 
 
 def build_training(config: TrainConfig, info: dict, env: DistEnv) -> tuple[torch.nn.Module, TrainShards, "TrainingParts"]:
