@@ -77,7 +77,7 @@ class RunState:
 def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
-    chose_arch = config.arch == "auto"
+    auto_from_scratch = config.arch == "auto" and not config.pretrained
     config = replace(config, arch=chosen_arch(config))  # saved resolved: eval rebuilds it
     set_normalization(config.normalize)  # train() restores the caller's afterwards
     if config.precision == "16" and env.device.type != "cuda":
@@ -98,7 +98,8 @@ def train_in(env: DistEnv, config: TrainConfig):
             save_checkpoint(out / "checkpoints" / "last.pt", saved)
 
     with TrainLog(out, config, env.is_main, resumed_at=state.step if checkpoint is not None else None) as log:
-        if chose_arch and not config.pretrained and env.is_main and not config.quiet:
+        # (A resumed run's recorded net may be another: the note is for simple-cnn only.)
+        if auto_from_scratch and config.arch == "simple-cnn" and env.is_main and not config.quiet:
             print(AUTO_ARCH_NOTE, file=sys.stderr)  # after every check: a bad option stays a one-line error
         for epoch in range(state.epoch, config.epochs):
             data.set_epoch(epoch)
