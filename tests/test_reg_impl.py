@@ -180,7 +180,10 @@ def test_the_activation_pattern_holds_module_and_functional_relus():
     pattern = ActivationPattern()
     with pattern:
         out = model(x)
-    assert len(pattern.masks) == 2 and pattern.masks[0].dtype == torch.bool
+    first = F.relu(model.conv(x))
+    # The records are the ReLUs' outputs, detached: positive exactly where the unit passes.
+    assert len(pattern.records) == 2 and not pattern.records[0].requires_grad
+    torch.testing.assert_close(pattern.records[0], first)
     with pattern.replay():
         torch.testing.assert_close(model(x), out)  # the same input: the same output
     with pattern.replay():
@@ -188,7 +191,7 @@ def test_the_activation_pattern_holds_module_and_functional_relus():
     with pattern.replay(), pytest.raises(RuntimeError, match="more ReLU calls"):
         model(x), model(x)
     conv = model.conv(x + 10.0)
-    held = ((conv * pattern.masks[0]) - 0.1) * pattern.masks[1]
+    held = ((conv * (pattern.records[0] > 0)) - 0.1) * (pattern.records[1] > 0)
     torch.testing.assert_close(moved, held.sum(dim=(2, 3)))
 
 
