@@ -15,7 +15,8 @@ the architecture, the seed and the run's terms:
 
 Everything goes through the installed `cfrobust` command, in subprocesses, the way a user's data
 would. Finished runs (an eval.json) are kept and read back, so an interrupted check continues.
-Options after `--` go to every `cfrobust train` (and name the run folder, so a change trains anew).
+Options after `--` go to every `cfrobust train`; they and the trainer's defaults name the run folder,
+so a change of either trains anew.
 Prints the test split's worst-group and mean accuracy per seed and as mean ± std, and the
 recipe's share of the ideal.
 """
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cfrobust.trainer.config import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SIZES = "2400,400,800"  # train, val, test images
@@ -64,7 +67,9 @@ def make_shards(out: Path, seed: int, twin: bool, corr: float, sizes: str) -> Pa
 
 def run_one(out: Path, seed: int, run: str, arch: str, corr: float, sizes: str, extra: list[str]) -> dict:
     terms, data = RUNS[run]
-    tag = hashlib.blake2b(" ".join(extra).encode(), digest_size=4).hexdigest() if extra else "defaults"
+    # Named by the options passed and by every default of the trainer: a changed default trains anew.
+    settings = json.dumps({"extra": extra, "defaults": TrainConfig().to_dict()}, sort_keys=True)
+    tag = hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()
     folder = out / "runs" / f"{run}-{arch}-seed{seed}-corr{corr}{size_tag(sizes)}-{tag}"
     if not (folder / "eval.json").exists():
         shards = make_shards(out, seed, data == "twin", corr, sizes)
