@@ -62,6 +62,7 @@ from cfrobust.shards.remote import location
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.distributed import DistEnv, setup_distributed
 from cfrobust.trainer.optim import make_optimizer
+from cfrobust.trainer.models import resolve_arch
 from cfrobust.trainer.train import Precision, build_training, make_model, optimizer_step
 
 # Options of each row; a function of --size where a crop side depends on it. F and Sal use the
@@ -242,7 +243,8 @@ def sync(env: DistEnv) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="simple-cnn")
+    parser.add_argument("--arch", default="simple-cnn", help="a `cfrobust train --arch` name; auto is the net it picks "
+                        "without --pretrained (simple-cnn)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -260,6 +262,7 @@ def main() -> None:
     parser.add_argument("--serve-http", action="store_true", help="also time ERM reading the shard folder from a "
                         "loopback HTTP server (row erm_http), with its throughput against the folder's")
     args = parser.parse_args()
+    args.arch = resolve_arch(args.arch, "")  # the bench loads no weights
     env = setup_distributed(args.device)  # the process set up as `cfrobust train` sets it up
     device = env.device
     if args.warmup is None:

@@ -132,6 +132,16 @@ def test_unknown_choices_are_rejected_by_the_parser(tmp_path, bad):
     assert result.exit_code == 2 and "Invalid value" in result.output
 
 
+def test_preprocess_masks_from_boxes_choices_are_the_pipelines():
+    """The CLI spells the choices out so that --help need not import cv2; they must stay the ones
+    the pipeline accepts."""
+    from cfrobust.cli.preprocess import preprocess
+    from cfrobust.preprocess.grabcut import MASKS_FROM_BOXES
+
+    option = next(p for p in preprocess.params if p.name == "masks_from_boxes")
+    assert tuple(option.type.choices) == MASKS_FROM_BOXES
+
+
 def test_preprocess_without_size_stores_small_images_as_they_are(tmp_path):
     """--size left out: 256, unless the training images' median shorter side is under 205 px
     (256 / 1.25); then that side, so a 40-px dataset is not stored at 16 times its pixels."""
