@@ -164,6 +164,28 @@ def test_checkpoint_adds_attacks_and_saliency_columns(tiny_shards, checkpoint):
             assert (grid.tile_at(row, column[title]) != original).any()
 
 
+def test_mrand_is_drawn_with_the_mask_shrunk_as_the_checkpoints_run_trained(tiny_shards, tmp_path):
+    from cfrobust.trainer.pixels import erode
+
+    run = tmp_path / "run"
+    train(TrainConfig(shards=str(tiny_shards), out=str(run), arch="simple-cnn", epochs=1, batch=32, workers=0,
+                      device="cpu", quiet=True, f="mrand", f_erode="1"))
+    grid = render_grid(tiny_shards, "val", count=4, seed=1, factual_modes=["mrand"],
+                       checkpoint=run / "checkpoints" / "best.pt", device="cpu")
+    column = {title: i for i, title in enumerate(grid.titles)}
+    stored = stored_samples(tiny_shards / "val")
+    rims = []
+    for row, key in enumerate(grid.keys):
+        original, factual = grid.tile_at(row, column["original"]), grid.tile_at(row, column["F mrand"])
+        mask = object_regions([stored[key]])[0:1]
+        kept = erode(mask, 1)[0, 0].numpy()
+        rim = mask[0, 0].numpy() & ~kept  # empty for a ring too thin to shrink (erode keeps it whole)
+        assert np.array_equal(factual[enlarged(kept, 3)], original[enlarged(kept, 3)])  # the shrunk object, exactly
+        if rim.any():
+            rims.append((factual != original).any(axis=2)[enlarged(rim, 3)].mean())
+    assert len(rims) >= 2 and min(rims) > 0.5, rims  # the rim is the partner's background, as in training
+
+
 def test_a_damaged_or_foreign_checkpoint_is_one_line_in_show_and_eval(tiny_shards, checkpoint, tmp_path):
     from cfrobust.trainer.checkpoint import load_checkpoint, save_checkpoint
 

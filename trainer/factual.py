@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cfrobust.trainer.fills import online_random, online_tile, pixel_units, to_normalized
 from cfrobust.trainer.module_modes import evaluation_mode, unwrap
-from cfrobust.trainer.pixels import normalized_range
+from cfrobust.trainer.pixels import erode, normalized_range
 
 
 def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None, rule: str = "other-class") -> torch.Tensor:
@@ -27,6 +27,15 @@ def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None
     preferred = {"other-class": ~same, "same-class": same, "any": torch.zeros_like(same)}[rule]
     noise = torch.rand(n, n, generator=generator, device=labels.device)
     return (noise + 2 * preferred.float() - 4 * torch.eye(n, device=labels.device)).argmax(dim=1)
+
+
+def pasted_region(region: torch.Tensor, from_masks: bool, config) -> torch.Tensor:
+    """The part of the object region a factual keeps: a mask shrunk by --f-erode (a mask's edge
+    pixels carry some of the image's own background, from blur, JPEG or the threshold that made
+    the mask, and pasted as they are they tell the place, hence the label); boxes as they are."""
+    if not from_masks:
+        return region
+    return erode(region, config.f_erode_pixels(min(region.shape[-2], region.shape[-1])))
 
 
 def mrand(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:

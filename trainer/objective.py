@@ -20,7 +20,7 @@ from cfrobust.trainer.attributions import deeplift, grad_cam
 from cfrobust.trainer.baselines import gridmask, mixup, mixup_cross_entropy
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import CF_LOSSES, class_logits
-from cfrobust.trainer.factual import FACTUAL_MODES
+from cfrobust.trainer.factual import FACTUAL_MODES, pasted_region
 from cfrobust.trainer.fills import ONLINE_FILLS
 from cfrobust.trainer.hvp import (
     STEP_EPS,
@@ -33,7 +33,7 @@ from cfrobust.trainer.hvp import (
     value_and_direction,
 )
 from cfrobust.trainer.module_modes import running_statistics_frozen, unwrap
-from cfrobust.trainer.pixels import box_masks, erode, normalize
+from cfrobust.trainer.pixels import box_masks, normalize
 from cfrobust.trainer.saliency import REGULARIZERS, SALIENCY_SCORES, input_gradient, outside_share_penalty
 
 ATTRIBUTIONS = {"deeplift": deeplift, "grad_cam": grad_cam}
@@ -150,10 +150,7 @@ class Objective:
             rows["x_sal"] = x
         clean = x.detach()
         if self.factual is not None and bool(has_box.any()):
-            # A mask's edge pixels carry some of the image's own background (blur, JPEG, the
-            # threshold that made the mask): pasted as they are, they tell the place, hence the label.
-            side = min(x.shape[2], x.shape[3])
-            kept = region if batch.masks is None else erode(region, self.config.f_erode_pixels(side))
+            kept = pasted_region(region, batch.masks is not None, self.config)
             rows["f"] = self.factual(
                 clean[has_box], kept[has_box], y[has_box], self.generator, model=model, config=self.config,
                 rects=holes[has_box],

@@ -28,7 +28,7 @@ from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.config import TrainConfig
 from cfrobust.trainer.counterfactual import class_logits
 from cfrobust.trainer.evaluate import model_inputs
-from cfrobust.trainer.factual import FACTUAL_MODES
+from cfrobust.trainer.factual import FACTUAL_MODES, pasted_region
 from cfrobust.trainer.fills import pixel_units
 from cfrobust.trainer.models import on_device
 from cfrobust.trainer.pixels import box_masks, normalize, using_normalization
@@ -220,12 +220,13 @@ def saliency_maps(shown: ShownModel, batch: Batch) -> list[np.ndarray]:
 
 def factual_images(batch: Batch, modes: list[str], seed: int, shown: ShownModel | None) -> dict[str, np.ndarray]:
     """mode -> [N, H, W, 3] uint8: each F mode applied to the boxed samples as one batch, as in
-    training; samples without a box stay as they are (they train as ERM)."""
+    training (the checkpoint's run's factual options, else the trainer's defaults); samples
+    without a box stay as they are (they train as ERM)."""
     x = normalize(batch.images)
     holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3])
-    region = holes if batch.masks is None else batch.masks
+    model, config = (shown.model, shown.config) if shown else (None, TrainConfig())
+    region = pasted_region(holes if batch.masks is None else batch.masks, batch.masks is not None, config)
     boxed = batch.box_valid.any(dim=1)
-    model, config = (shown.model, shown.config) if shown else (None, None)
     out = {}
     for index, mode in enumerate(modes):
         generator = torch.Generator(x.device).manual_seed(seed * 1000 + index)
