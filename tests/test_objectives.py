@@ -193,7 +193,7 @@ def _tiny_model():
 def test_objective_terms_are_the_weighted_losses_of_one_forward_pass():
     batch, model = _batch(), _tiny_model()
     config = TrainConfig(cf="tile", cf_loss="logp", cf_coeff=0.5, reg="bbox_o", reg_coeff=3.0, reg_measure="raw")
-    terms, logits = Objective(config)(model, batch)
+    terms, logits = Objective(config, num_classes=2)(model, batch)
     assert set(terms) == {"ce", "cf", "sal"}
     from cfrobust.trainer.pixels import normalize
 
@@ -211,7 +211,7 @@ def test_objective_terms_are_the_weighted_losses_of_one_forward_pass():
 
 def test_samples_without_boxes_train_as_plain_erm():
     batch, model = _batch(boxed=(True, False, False, False)), _tiny_model()
-    terms, _ = Objective(TrainConfig(cf="tile", cf_loss="logp", f="mrand"))(model, batch)
+    terms, _ = Objective(TrainConfig(cf="tile", cf_loss="logp", f="mrand"), num_classes=2)(model, batch)
     from cfrobust.trainer.pixels import normalize
 
     # The CF term sees only the boxed sample (weighted by the default --cf-coeff 0.5).

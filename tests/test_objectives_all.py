@@ -69,7 +69,7 @@ def test_every_objective_trains_two_steps_with_finite_terms(reg, reg_grad):
             config = TrainConfig(cf="tile", cf_loss=cf_loss, f=f, reg=reg, reg_grad=reg_grad, reg_coeff=0.5, f_steps=2)
             model = _conv_model(output_size(2, cf_loss))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            objective = Objective(config, torch.Generator().manual_seed(0))
+            objective = Objective(config, torch.Generator().manual_seed(0), num_classes=2)
             before = model[5].weight.detach().clone()
             for _ in range(2):
                 terms, logits = objective(model, batch)
@@ -89,7 +89,7 @@ def test_baselines_train_alone_and_with_every_term():
         for method in ({}, {"cf": "tile", "f": "mrand", "reg": "bbox_o"}):
             model = _conv_model(2)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            objective = Objective(TrainConfig(**extra, **method), torch.Generator().manual_seed(0))
+            objective = Objective(TrainConfig(**extra, **method), torch.Generator().manual_seed(0), num_classes=2)
             for _ in range(2):
                 terms, logits = objective(model, batch)
                 assert set(terms) == ({"ce", "cf", "sal"} if method else {"ce"})
@@ -294,7 +294,7 @@ def test_factual_modes_share_one_signature_through_the_objective():
         if f == "none":
             continue
         model = _conv_model(2)
-        terms, _ = Objective(TrainConfig(f=f), torch.Generator().manual_seed(0))(model, batch)
+        terms, _ = Objective(TrainConfig(f=f), torch.Generator().manual_seed(0), num_classes=2)(model, batch)
         assert terms["ce"].isfinite()
 
 

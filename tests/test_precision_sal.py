@@ -44,7 +44,7 @@ def _train_steps(options: dict, precision: str, device: str, steps: int) -> None
     config = TrainConfig(cf="tile", f="mrand", reg_coeff=0.5, object_region="box", **options)
     model = _model().to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    objective = Objective(config, torch.Generator(device).manual_seed(0))
+    objective = Objective(config, torch.Generator(device).manual_seed(0), num_classes=2)
     scaled = Precision(precision, device)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(steps):
@@ -79,7 +79,7 @@ def _fp16_scaled_gradient(model, config, batch, state):
         model.load_state_dict(state)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.float16):
-            terms, _ = Objective(config, torch.Generator().manual_seed(0))(model, batch)
+            terms, _ = Objective(config, torch.Generator().manual_seed(0), num_classes=2)(model, batch)
         (terms["sal"] * scale).backward()
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
         if torch.isfinite(grads).all():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cfrobust.shards.reader import Batch
 from cfrobust.trainer.config import TrainConfig
+from cfrobust.trainer.factual import mrand
 from cfrobust.trainer.objective import Objective, regularizer
 from cfrobust.trainer.saliency import input_gradient, outside_box_penalty, outside_share_penalty, target_logit
 from cfrobust.trainer.train import balanced_group_weights
@@ -77,9 +78,30 @@ def test_balanced_ce_weighs_each_image_by_its_group():
     assert terms["ce"].item() == pytest.approx(((0.5 * per_image[0] + 3.0 * per_image[1] + 0.5 * per_image[2]) / 3).item())
 
 
+def pairing(num_classes: int, **options) -> tuple[str, str]:
+    config = TrainConfig(**{"f": "mrand", **options}).with_factual_pairing(num_classes)
+    return config.f_partner, config.f_weight
+
+
+def test_factual_pairing_auto_is_any_in_place_of_the_original_on_two_classes_else_other_class_at_k_minus_one():
+    assert pairing(2) == ("any", "replace")
+    assert (pairing(3), pairing(4), pairing(1)) == (("other-class", "2"), ("other-class", "3"), ("other-class", "1"))
+    assert pairing(2, f_partner="other-class") == ("other-class", "1")  # the official pairing: weight 1 on two classes
+    assert pairing(4, f_partner="any") == ("any", "replace")
+    assert pairing(2, f_weight="2.5") == ("any", "2.5")
+    assert pairing(2, f="random") == ("any", "1")  # replace only where mrand pastes on any image's background
+    assert TrainConfig(f="mrand").with_factual_pairing(2).with_factual_pairing(4) == TrainConfig(
+        f="mrand", f_partner="any", f_weight="replace")  # resolved once, kept: a recorded run reads back as it trained
+    assert Objective(TrainConfig(f="mrand"), num_classes=2).replaces_originals
+    assert not Objective(TrainConfig(f="mrand"), num_classes=4).replaces_originals
+    with pytest.raises(ValueError, match="num_classes"):  # mrand cannot pick a partner without knowing K
+        mrand(torch.zeros(2, 3, 4, 4), torch.ones(2, 1, 4, 4, dtype=torch.bool), torch.tensor([0, 1]),
+              config=TrainConfig(f="mrand"))
+
+
 def test_factual_weight_auto_is_classes_minus_one_and_the_ce_weighs_factual_rows_by_it():
     assert Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=4).factual_weight() == 3.0
-    assert Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=2).factual_weight() == 1.0  # the official weight
+    assert Objective(TrainConfig(f="mrand", f_partner="other-class"), num_classes=2).factual_weight() == 1.0  # official
     assert Objective(TrainConfig(f="mrand", f_weight="auto"), num_classes=1).factual_weight() == 1.0
     assert Objective(TrainConfig(f="mrand", f_weight="2.5"), num_classes=4).factual_weight() == 2.5
     # Without num_classes, auto reads K from the logits (cf-loss channels: 2K outputs, K classes).
@@ -107,6 +129,18 @@ def test_f_weight_replace_trains_a_boxed_image_by_its_factual_alone_and_an_unbox
     batch = Batch(images=torch.zeros(3, 3, 4, 4, dtype=torch.uint8), labels=y, boxes=torch.zeros(3, 1, 4),
                   box_valid=has_box[:, None], groups=["a", "b", "c"], keys=["0", "1", "2"])
     assert objective.rows_per_term(batch)["ce"].item() == 3  # one CE row per image
+
+
+def test_train_records_the_pairing_auto_stood_for_and_resumes_by_it(tiny_shards, tmp_path):
+    from cfrobust.trainer.train import train
+
+    options = dict(shards=str(tiny_shards), out=str(tmp_path / "run"), arch="simple-cnn", batch=32, workers=0,
+                   device="cpu", quiet=True, f="mrand", epochs=1)
+    train(TrainConfig(**options))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["f_partner"], recorded["f_weight"]) == ("any", "replace")  # the built-in data has two classes
+    train(TrainConfig(**options, resume=True))  # auto again resolves alike: not refused as a change of options
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_f_weight_must_be_auto_or_positive(tiny_shards):
@@ -154,7 +188,7 @@ def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained(
     assert (recorded.object_region, recorded.reg_measure, recorded.select_by) == ("box", "raw", "accuracy")
     assert (recorded.f_weight, recorded.f_partner, recorded.f_erode) == ("1", "other-class", "0")
     assert recorded.describe() == "Sal(bbox_o raw, grad_y, λ=0.1)"
-    assert changed_options(old, TrainConfig(reg="bbox_o")) == ["f_weight", "object_region", "reg_measure", "select_by"]
+    assert changed_options(old, TrainConfig(reg="bbox_o")) == ["f_partner", "f_weight", "object_region", "reg_measure", "select_by"]
     assert changed_options(old, recorded) == []
 
 

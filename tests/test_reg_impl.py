@@ -45,7 +45,7 @@ def _model() -> nn.Module:
 def _sal_gradient(model: nn.Module, config: TrainConfig, batch: Batch):
     """The Sal term's value and its weight gradient (zeros where a weight gets none)."""
     model.zero_grad(set_to_none=True)
-    terms, _ = Objective(config, torch.Generator().manual_seed(0))(model, batch)
+    terms, _ = Objective(config, torch.Generator().manual_seed(0), num_classes=2)(model, batch)
     terms["sal"].backward()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
     return terms["sal"].detach(), torch.cat([g.flatten() for g in grads])
@@ -110,7 +110,7 @@ def test_the_running_statistics_are_updated_once_from_every_row():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     config = TrainConfig(reg="bbox_o", cf="tile", object_region="box", cf_online=False, reg_impl="finite-diff")
     batch = _batch()
-    Objective(config, torch.Generator().manual_seed(0))(model, batch)
+    Objective(config, torch.Generator().manual_seed(0), num_classes=2)(model, batch)
     assert [int(m.num_batches_tracked) for m in norms] == [1] * len(norms)
     # The first layer's running mean moved by momentum x the batch mean of x's and the
     # counterfactuals' rows (x's moved by h v, a step of 0.1% of |x|), as one exact pass does.
@@ -204,7 +204,7 @@ def test_every_penalty_and_score_trains_two_steps_by_finite_differences(reg, reg
                              object_region="box", **options)
         model = _model().train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        objective = Objective(config, torch.Generator().manual_seed(0))
+        objective = Objective(config, torch.Generator().manual_seed(0), num_classes=2)
         before = model[0].weight.detach().clone()
         for _ in range(2):
             terms, logits = objective(model, batch)

@@ -12,7 +12,7 @@ ARCHS = ("simple-cnn", "resnet18", "resnet34", "resnet50", "bit-s-r50x1")
 CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns", "cagan")
 CF_LOSSES = ("logp", "uni", "uni_e", "channels")
 FACTUAL_MODES = ("none", "random", "shuffle", "mrand", "fgsm", "pgd")
-FACTUAL_PARTNERS = ("other-class", "any")  # the rules of trainer/factual.py batch_partner a user may pick
+FACTUAL_PARTNERS = ("auto", "other-class", "any")  # auto, and the rules of trainer/factual.py batch_partner a user may pick
 REGULARIZERS = ("none", "bbox_o", "bbox_f1", "gs")
 NORMALIZATIONS = ("imagenet", "bit")
 OBJECT_REGIONS = ("mask", "box")
@@ -124,7 +124,8 @@ PRESET_NAMES = ("none",) + tuple(PRESETS)
 # Options whose default differs from what runs did before the option existed: a config that
 # lacks them was made with these values (rectangles, the raw bbox_o, best.pt by accuracy, factuals
 # weighing as much as originals).
-PREDATED = {"object_region": "box", "reg_measure": "raw", "select_by": "accuracy", "f_weight": "1"}
+PREDATED = {"object_region": "box", "reg_measure": "raw", "select_by": "accuracy", "f_weight": "1",
+            "f_partner": "other-class"}
 
 # What `cfrobust train` writes in its --out folder (all that --overwrite may replace there).
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "eval.json", "eval.json.tmp", "checkpoints", "tensorboard"}
@@ -221,10 +222,11 @@ class TrainConfig:
         FACTUAL_MODES,
     )
     f_partner: str = option(
-        "other-class",
+        "auto",
         "mrand: whose background an object is pasted on. other-class = an image of another class (the official "
         "rule), which points a factual's background away from its label where backgrounds follow it; any = any "
-        "other image of the batch, so that the background says nothing about the label.",
+        "other image of the batch, so that the background says nothing about the label; auto = any with two "
+        "classes (where 'another class' names the label outright), other-class with more.",
         FACTUAL_PARTNERS,
     )
     f_erode: str = option(
@@ -239,9 +241,10 @@ class TrainConfig:
     f_weight: str = option(
         "auto",
         "How a boxed image's factual counts in the CE: a number above 0 = beside the image, with that weight against "
-        "the original's (every --preset: 1, the official sum); auto = the number of classes - 1 (1 for two classes); "
-        "replace = in place of the image (its CE is the factual's, so that no image in the CE shows a background "
-        "that follows the label; the original still trains CF and Sal).",
+        "the original's (every --preset: 1, the official sum); replace = in place of the image (its CE is the "
+        "factual's, so that no image in the CE shows a background that follows the label; the original still trains "
+        "CF and Sal); auto = replace when mrand pastes on any image's background, else the number of classes - 1 "
+        "(with other-class partners each background then meets each class about equally often in the CE).",
     )
     reg: str = option(
         "none", "Saliency penalty: bbox_o = gradients outside the boxes; bbox_f1, gs as the official code.", REGULARIZERS
@@ -321,6 +324,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_factual_pairing(self, num_classes: int) -> "TrainConfig":
+        """--f-partner and --f-weight auto as the values they stand for with `num_classes` classes.
+
+        With two classes the official other-class partner gives every factual the background of
+        the one other class: a network that tells a pasted image from a real one then reads a
+        factual as "the class the place does not say" and fits it without the object (README,
+        On data nobody tuned for). So auto pastes on any image's background there, and since the
+        originals are then the only CE rows whose background follows the label, the factual
+        takes its original's place in the CE. With more classes "not the place's class" still
+        leaves several, and other-class partners at weight K - 1 balance the backgrounds."""
+        partner = self.f_partner
+        if partner == "auto":
+            partner = "any" if num_classes == 2 else "other-class"
+        weight = self.f_weight
+        if weight == "auto":
+            weight = "replace" if self.f == "mrand" and partner == "any" else str(max(1, num_classes - 1))
+        return replace(self, f_partner=partner, f_weight=weight)
 
     def f_erode_pixels(self, side: int) -> int:
         """--f-erode in pixels for training images whose shorter side is `side`."""

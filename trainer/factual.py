@@ -49,6 +49,8 @@ def mrand(images, holes, labels, generator=None, model=None, config=None, rects=
     other-class rule teaches it when backgrounds follow the label (README, On data nobody tuned for).
     """
     partner_rule = "other-class" if config is None else config.f_partner
+    if partner_rule == "auto":
+        raise ValueError("--f-partner auto depends on the number of classes: construct Objective with num_classes")
     if len(labels) < 2 or (partner_rule == "other-class" and bool((labels == labels[0]).all())):
         return images.masked_fill(~holes, 0.0)
     partner = batch_partner(labels, generator, partner_rule)

@@ -49,8 +49,9 @@ def regularizer(config: TrainConfig):
 class Objective:
     def __init__(self, config: TrainConfig, generator: torch.Generator | None = None,
                  group_weights: dict[str, float] | None = None, num_classes: int | None = None):
-        self.config = config
-        self.num_classes = num_classes  # for --f-weight auto (else read from the logits' width)
+        # --f-partner and --f-weight auto resolve by the number of classes; without it, --f-weight
+        # auto reads it from the logits' width, and mrand refuses --f-partner auto.
+        self.config = config.with_factual_pairing(num_classes) if num_classes else config
         self.generator = generator
         self.group_weights = group_weights  # --balance-groups: CE weight of an image by its group
         self.cf_loss = CF_LOSSES[config.cf_loss] if config.cf != "none" else None
@@ -188,18 +189,20 @@ class Objective:
         return self.config.f_weight == "replace"
 
     def factual_weight(self, logits: torch.Tensor | None = None) -> float:
-        """A factual row's weight in the CE beside its original: --f-weight, where auto is the
-        number of classes - 1. Under --f-partner other-class each factual carries the background
-        of one of the K - 1 other classes; at that weight, when every original's background is its
+        """A factual row's weight in the CE beside its original: --f-weight, where auto (under
+        other-class partners) is the number of classes - 1. Each factual then carries the
+        background of one of the K - 1 other classes, and when every original's background is its
         own class's, each background comes with each class about equally often in the CE (the
         official equal weight does that for two classes only: on four, the recipe stayed near the
         place)."""
-        if self.config.f_weight != "auto":
-            return float(self.config.f_weight)
-        if self.num_classes is None and logits is None:
-            raise ValueError("--f-weight auto: construct Objective with num_classes to count rows before a step")
-        classes = self.num_classes or class_logits(logits, self.config.cf_loss).shape[1]
-        return float(max(1, classes - 1))
+        weight = self.config.f_weight
+        if weight == "auto":
+            if logits is None:
+                raise ValueError("--f-weight auto: construct Objective with num_classes to count rows before a step")
+            weight = self.config.with_factual_pairing(class_logits(logits, self.config.cf_loss).shape[1]).f_weight
+            if weight == "replace":  # the rows a step counts depend on it: decided before the step
+                raise ValueError("--f-weight auto with --f-partner any: construct Objective with num_classes")
+        return float(weight)
 
     def _saliency(self, model, x, y, logits_x) -> torch.Tensor:
         """g: the input gradient of the score of the class logits, or a captum attribution."""

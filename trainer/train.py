@@ -78,7 +78,8 @@ def train_in(env: DistEnv, config: TrainConfig):
     """Train inside an initialised process group; returns (eval document, best model)."""
     splits, info = training_manifest(config)  # checks the options first
     auto_from_scratch = config.arch == "auto" and not config.pretrained
-    config = replace(config, arch=chosen_arch(config))  # saved resolved: eval rebuilds it
+    # Saved resolved: eval rebuilds the net, and config.json says which pairing trained.
+    config = replace(config, arch=chosen_arch(config)).with_factual_pairing(len(info["classes"]))
     set_normalization(config.normalize)  # train() restores the caller's afterwards
     if config.precision == "16" and env.device.type != "cuda":
         raise UserError("--precision 16 needs a CUDA device; use bf16 or 32 on the CPU")

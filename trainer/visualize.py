@@ -105,7 +105,7 @@ def grid_columns(samples, info, modes, seed, shown, torch_device, notes) -> tupl
     columns["boxes"] = [boxes_tile(s, shape) for s in samples]
     for method in info["cf_methods"]:
         columns[f"cf_{method}"] = [to_tile(s["cf"][method], shape) for s in samples]
-    for mode, images in factual_images(batch, modes, seed, shown).items():
+    for mode, images in factual_images(batch, modes, seed, shown, len(info["classes"])).items():
         columns[f"F {mode}"] = [to_tile(image, shape) for image in images]
     if shown is not None:
         for title, heats in zip(SALIENCY_TITLES, saliency_maps(shown, batch)):
@@ -218,13 +218,15 @@ def saliency_maps(shown: ShownModel, batch: Batch) -> list[np.ndarray]:
     return [m.detach().float().cpu().numpy() for m in maps]
 
 
-def factual_images(batch: Batch, modes: list[str], seed: int, shown: ShownModel | None) -> dict[str, np.ndarray]:
+def factual_images(batch: Batch, modes: list[str], seed: int, shown: ShownModel | None,
+                   num_classes: int) -> dict[str, np.ndarray]:
     """mode -> [N, H, W, 3] uint8: each F mode applied to the boxed samples as one batch, as in
     training (the checkpoint's run's factual options, else the trainer's defaults); samples
     without a box stay as they are (they train as ERM)."""
     x = normalize(batch.images)
     holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3])
     model, config = (shown.model, shown.config) if shown else (None, TrainConfig())
+    config = config.with_factual_pairing(num_classes)
     region = pasted_region(holes if batch.masks is None else batch.masks, batch.masks is not None, config)
     boxed = batch.box_valid.any(dim=1)
     out = {}
