@@ -143,6 +143,18 @@ def test_train_records_the_pairing_auto_stood_for_and_resumes_by_it(tiny_shards,
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_run_that_recorded_f_weight_auto_resumes_with_the_pairing_it_trained():
+    from cfrobust.trainer.train import changed_options, recorded_options
+
+    before = {**TrainConfig(f="mrand").to_dict(), "f_partner": "other-class", "f_weight": "auto"}  # as saved before eb8b046
+    checkpoint = {"config": before, "classes": ["a", "b"]}
+    official = TrainConfig(f="mrand", f_partner="other-class").with_factual_pairing(2)
+    assert (recorded_options(checkpoint)["f_partner"], recorded_options(checkpoint)["f_weight"]) == ("other-class", "1")
+    assert changed_options(recorded_options(checkpoint), official) == []
+    assert changed_options(recorded_options(checkpoint), TrainConfig(f="mrand").with_factual_pairing(2)) == [
+        "f_partner", "f_weight"]  # today's default pairing is another run: refused, and the refusal names it
+
+
 def test_f_weight_must_be_auto_or_positive(tiny_shards):
     from cfrobust.errors import UserError
     from cfrobust.trainer.train import check_config

@@ -602,7 +602,7 @@ def stream_shape(parts: TrainingParts) -> dict:
 def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
     """Load a checkpoint into the run; returns its state and the best weights so far."""
     saved = load_checkpoint(path, map_location="cpu")
-    changed = changed_options(saved["config"], parts.config)
+    changed = changed_options(recorded_options(saved), parts.config)
     if changed:
         raise UserError(f"{path}: the run was made with other options ({', '.join(changed)}); resume with the same ones")
     state = RunState(**saved["state"])
@@ -619,6 +619,14 @@ def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
     best_path = path.with_name("best.pt")
     best = load_checkpoint(best_path)["model"] if best_path.is_file() else copy.deepcopy(model.state_dict())
     return state, best
+
+
+def recorded_options(checkpoint: dict) -> dict:
+    """A checkpoint's options with --f-partner and --f-weight auto as they resolve for its classes:
+    runs made before the pairing was resolved at the start recorded "auto" (then K - 1 under
+    other-class partners), which compares equal to what a resumption resolves it to."""
+    recorded = TrainConfig.from_dict(checkpoint["config"])
+    return recorded.with_factual_pairing(len(checkpoint["classes"])).to_dict()
 
 
 def changed_options(saved: dict, config: TrainConfig) -> list[str]:
