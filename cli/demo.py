@@ -45,7 +45,8 @@ def demo(out, variant, seed, epochs, workers, reg_impl, reg_every, overwrite) ->
     claim_output_folder(out, DEMO_FILES, overwrite,
                         f"{out} already exists; pass --overwrite to replace it or choose another --out")
     click.echo(f"1/3 making the built-in dataset ({variant}) into shards")
-    preprocess(open_dataset("synthetic", seed=seed, variant=variant), out / "shards", ["tile"], shard_size=250)
+    dataset = open_dataset("synthetic", seed=seed, variant=variant)
+    preprocess(dataset, out / "shards", ["tile"], shard_size=250)
     documents = {}
     for step, (name, method) in enumerate(DEMO_RUNS.items(), start=2):
         if method:
@@ -55,7 +56,7 @@ def demo(out, variant, seed, epochs, workers, reg_impl, reg_every, overwrite) ->
             shards=str(out / "shards"), out=str(out / name), arch="simple-cnn", epochs=epochs,
             batch=64, seed=seed, workers=workers, **method,
         )
-        click.echo(f"{step}/3 training {name}: {config.describe()}")
+        click.echo(f"{step}/3 training {name}: {config.with_factual_pairing(len(dataset.classes)).describe()}")
         documents[name] = train(config)
     summary = summary_markdown(documents, split="test")
     (out / "summary.md").write_text(summary)

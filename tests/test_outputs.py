@@ -132,6 +132,19 @@ def test_demo_passes_reg_impl_and_reg_every_to_the_method_only(tmp_path, monkeyp
     assert configs["erm"].reg == "none" and configs["erm"].reg_impl == "exact" and configs["erm"].reg_every == 1
 
 
+@pytest.mark.parametrize("args, factual", [([], "F(mrand, any, replace)"), (["--variant", "four-class"], "F(mrand, weight 3)")])
+def test_demo_names_the_factual_pairing_its_member_trains_with(tmp_path, monkeypatch, args, factual):
+    import cfrobust.preprocess.pipeline as pipeline
+    import cfrobust.trainer.train as trainer
+
+    monkeypatch.setattr(pipeline, "preprocess", lambda dataset, out, *a, **k: out.mkdir(parents=True))
+    monkeypatch.setattr(trainer, "train", lambda config: {})
+    monkeypatch.setattr("cfrobust.trainer.report.summary_markdown", lambda documents, split: "")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), *args])
+    assert result.exit_code == 0, result.output
+    assert f"3/3 training method: CF(tile, uni, 0.5) + {factual} + Sal(bbox_o, grad_y, λ=0.1)" in result.output.splitlines()
+
+
 @pytest.mark.parametrize("options, expected", [
     (["--workers", "-1"], "--workers -1: must be 0 (load in this process) or more"),
     (["--lr", "0"], "--lr 0: a learning rate must be positive"),

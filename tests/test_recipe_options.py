@@ -204,6 +204,17 @@ def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained(
     assert changed_options(old, recorded) == []
 
 
+def test_the_method_name_spells_out_a_factual_pairing_that_is_not_the_official_one():
+    recipe = TrainConfig(cf="tile", f="mrand", reg="bbox_o")
+    assert recipe.describe() == "CF(tile, uni, 0.5) + F(mrand, partner auto, weight auto) + Sal(bbox_o, grad_y, λ=0.1)"
+    assert recipe.with_factual_pairing(2).describe() == "CF(tile, uni, 0.5) + F(mrand, any, replace) + Sal(bbox_o, grad_y, λ=0.1)"
+    assert recipe.with_factual_pairing(4).describe() == "CF(tile, uni, 0.5) + F(mrand, weight 3) + Sal(bbox_o, grad_y, λ=0.1)"
+    official = TrainConfig(f="mrand", f_partner="other-class", f_weight="1")
+    assert official.describe() == "F(mrand)"
+    # The partner means nothing to other factual modes; their weight still does.
+    assert TrainConfig(f="random", f_partner="any", f_weight="2").describe() == "F(random, weight 2)"
+
+
 def test_online_mean_fills_the_imagenet_mean_colour_under_either_normalisation():
     from cfrobust.trainer.fills import online_mean, pixel_units
     from cfrobust.trainer.pixels import using_normalization

@@ -362,13 +362,24 @@ class TrainConfig:
         return cls(**{**PREDATED, **values})
 
     def describe(self) -> str:
-        """Short name of the method, e.g. `CF(tile, logp, 1) + F(mrand) + Sal(bbox_o, grad_y, λ=10)`."""
+        """Short name of the method, e.g. `CF(tile, logp, 1) + F(mrand) + Sal(bbox_o, grad_y, λ=10)`;
+        the factual names its pairing and weight where they are not the official ones, e.g.
+        `F(mrand, any, replace)` or `F(mrand, weight 3)`."""
         parts = []
         if self.cf != "none":
             parts.append(f"CF({self.cf}, {self.cf_loss}, {self.cf_coeff:g})")
         if self.f != "none":
-            parts.append(f"F({self.f})")
+            parts.append(f"F({', '.join([self.f, *self._factual_departures()])})")
         if self.reg != "none":
             raw = " raw" if self.reg == "bbox_o" and self.reg_measure == "raw" else ""
             parts.append(f"Sal({self.reg}{raw}, {self.reg_grad}, λ={self.reg_coeff:g})")
         return " + ".join(parts) or "ERM"
+
+    def _factual_departures(self) -> list[str]:
+        """--f-partner (mrand only) and --f-weight where they differ from the official code's."""
+        departures = []
+        if self.f == "mrand" and self.f_partner != "other-class":
+            departures.append(self.f_partner if self.f_partner != "auto" else "partner auto")
+        if self.f_weight != "1":
+            departures.append(self.f_weight if self.f_weight == "replace" else f"weight {self.f_weight}")
+        return departures
