@@ -16,11 +16,11 @@ from cfrobust.shards.reader import TrainShards, decode_sample, iter_raw_samples,
 from cfrobust.shards.schema import boxes_to_mask
 from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.factual import mrand
-from cfrobust.trainer.fills import online_tile
+from cfrobust.trainer.factual import mrand, pasted_region
+from cfrobust.trainer.fills import online_tile, to_normalized
 from cfrobust.trainer.objective import Objective
 from cfrobust.shards.reader import Batch
-from cfrobust.trainer.pixels import erode, normalize, set_normalization
+from cfrobust.trainer.pixels import blended_edge, erode, normalize, set_normalization
 from cfrobust.trainer.saliency import outside_box_penalty
 from cfrobust.trainer.train import train
 
@@ -106,6 +106,28 @@ def test_f_erode_pastes_the_shrunk_mask_and_leaves_its_rim_to_the_partner():
     assert torch.equal(factual[inner.expand_as(x)], x[inner.expand_as(x)])
     rim = (masks & ~inner).expand_as(x)
     assert torch.equal(factual[rim], x[[1, 0]][rim])
+
+
+def test_f_erode_blend_drops_the_edge_pixels_that_mix_object_and_background_and_keeps_an_outline():
+    background, fill = torch.tensor([0.2, 0.6, 0.2]), torch.tensor([0.9, 0.1, 0.1])
+    pixels = background.view(3, 1, 1).repeat(1, 12, 12)
+    pixels[:, 3:9, 3:9] = fill.view(3, 1, 1)
+    pixels[:, 3, 3:9] = (0.6 * fill + 0.4 * background).view(3, 1)  # top edge: a blend, 60% object
+    pixels[:, 8, 3:9] = 0.0  # bottom edge: a black outline, far from the line between the two colours
+    pixels[:, 4:8, 3] = (0.9 * fill + 0.1 * background).view(3, 1)  # left edge: 90% object, past 0.85
+    masks = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    masks[..., 3:9, 3:9] = True
+    expected = masks.clone()
+    expected[0, 0, 3, 3:9] = False
+    assert torch.equal(blended_edge(pixels[None], masks), masks & ~expected)
+    # Through the factual: --f-erode blend keeps all but the blended row; a box is never shrunk.
+    images = to_normalized(pixels[None])
+    assert torch.equal(pasted_region(masks, True, TrainConfig(f_erode="blend"), images), expected)
+    assert torch.equal(pasted_region(masks, False, TrainConfig(f_erode="blend"), images), masks)
+    # Object and background too alike to tell a blend: nothing is dropped.
+    flat = background.view(1, 3, 1, 1).repeat(1, 1, 12, 12)
+    flat[:, :, 3:9, 3:9] += 0.05
+    assert not blended_edge(flat, masks).any()
 
 
 def test_bbox_o_with_a_mask_penalises_exactly_the_pixels_outside_it():

@@ -165,7 +165,7 @@ def test_f_weight_must_be_auto_or_positive(tiny_shards):
             check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_weight=bad), info)
 
 
-def test_f_erode_auto_is_one_pixel_per_64_of_the_side_and_must_be_auto_or_whole(tiny_shards):
+def test_f_erode_auto_is_one_pixel_per_64_of_the_side_and_must_be_auto_blend_or_whole(tiny_shards):
     from cfrobust.errors import UserError
     from cfrobust.trainer.train import check_config
 
@@ -173,8 +173,9 @@ def test_f_erode_auto_is_one_pixel_per_64_of_the_side_and_must_be_auto_or_whole(
     assert TrainConfig().f_erode_pixels(224) == 0  # the default: the mask as it is
     assert [TrainConfig(f_erode=n).f_erode_pixels(224) for n in ("0", "3")] == [0, 3]
     info = json.loads((tiny_shards / "train" / "_info.json").read_text())
+    check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode="blend"), info)
     for bad in ("-1", "1.5", "some"):
-        with pytest.raises(UserError, match=f"--f-erode {bad}: must be auto or a whole number of pixels"):
+        with pytest.raises(UserError, match=f"--f-erode {bad}: must be auto, blend or a whole number of pixels"):
             check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode=bad), info)
 
 

@@ -232,8 +232,10 @@ class TrainConfig:
     f_erode: str = option(
         "0",
         "Pixels by which a factual shrinks the object's mask before it keeps the object: a whole number (0: the mask "
-        "as it is, as the official code), or auto = 1 per 64 px of the training image's shorter side. A mask's edge "
-        "keeps a rim of the image's own background, which tells the place; boxes are never shrunk.",
+        "as it is, as the official code), auto = 1 per 64 px of the training image's shorter side, or blend = only "
+        "the edge pixels whose colour mixes the object's and its background's (an outline that contrasts with both "
+        "stays). A mask's edge keeps a rim of the image's own background, which tells the place; boxes are never "
+        "shrunk.",
     )
     f_eps: float = option(0.6, "fgsm/pgd: L-inf radius of the background perturbation, in normalised units.")
     f_alpha: float = option(0.0, "pgd: step size (0: eps / 4).")
@@ -345,6 +347,8 @@ class TrainConfig:
 
     def f_erode_pixels(self, side: int) -> int:
         """--f-erode in pixels for training images whose shorter side is `side`."""
+        if self.f_erode == "blend":
+            raise ValueError("--f-erode blend drops pixels by colour, not by a width (trainer/factual.py pasted_region)")
         return max(1, round(side / 64)) if self.f_erode == "auto" else int(self.f_erode)
 
     def reg_anneal_epochs(self) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cfrobust.trainer.fills import online_random, online_tile, pixel_units, to_normalized
 from cfrobust.trainer.module_modes import evaluation_mode, unwrap
-from cfrobust.trainer.pixels import erode, normalized_range
+from cfrobust.trainer.pixels import blended_edge, erode, normalized_range
 
 
 def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None, rule: str = "other-class") -> torch.Tensor:
@@ -29,12 +29,16 @@ def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None
     return (noise + 2 * preferred.float() - 4 * torch.eye(n, device=labels.device)).argmax(dim=1)
 
 
-def pasted_region(region: torch.Tensor, from_masks: bool, config) -> torch.Tensor:
-    """The part of the object region a factual keeps: a mask shrunk by --f-erode (a mask's edge
+def pasted_region(region: torch.Tensor, from_masks: bool, config, images: torch.Tensor) -> torch.Tensor:
+    """The part of the object region a factual keeps of `images` (normalised): a mask's edge
     pixels carry some of the image's own background, from blur, JPEG or the threshold that made
-    the mask, and pasted as they are they tell the place, hence the label); boxes as they are."""
+    the mask, and pasted as they are they tell the place, hence the label. --f-erode shrinks the
+    mask by whole pixels, or (blend) drops just the edge pixels whose colour mixes the object's
+    and the background's; boxes stay as they are."""
     if not from_masks:
         return region
+    if config.f_erode == "blend":
+        return region & ~blended_edge(pixel_units(images.float()), region)
     return erode(region, config.f_erode_pixels(min(region.shape[-2], region.shape[-1])))
 
 

@@ -134,3 +134,41 @@ def erode(masks: torch.Tensor, pixels: int) -> torch.Tensor:
     shrunk = torch.nn.functional.max_pool2d(outside, 2 * pixels + 1, stride=1, padding=pixels) == 0
     kept = shrunk.flatten(1).any(dim=1)[:, None, None, None]
     return torch.where(kept, shrunk, masks)
+
+
+# Edge pixels of a mask that read as a blend of the object and the image's own background. The
+# local colours are the means of the object's inner pixels and of the background's pixels in a
+# BLEND_WINDOW-square around each edge pixel; a blend lies near the straight line between the two
+# (within BLEND_OFF_LINE of their distance) and short of the object's end (BLEND_MAX_OBJECT of the
+# way). An outline drawn to contrast with both lies off that line and stays; where object and
+# background differ by less than BLEND_MIN_CONTRAST (pixel units, 0-1 per channel) nothing tells
+# a blend apart, and nothing is dropped. The values keep every outline of the built-in family's
+# sharp members and flag about 3/4 of the edge pixels that cover their object by under 95% on the
+# hold-out set of bench/unseen_waterbirds.py (README, Robust by default).
+BLEND_WINDOW = 5
+BLEND_MAX_OBJECT = 0.85
+BLEND_OFF_LINE = 0.25
+BLEND_MIN_CONTRAST = 0.1
+
+
+def blended_edge(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, H, W]: the edge pixels of `masks` whose colour in `pixels` ([B, 3, H, W], in
+    [0, 1]) is a mix of the object's and the surrounding background's (see BLEND_* above)."""
+    inner = erode(masks, 1) & masks
+    edge = masks & ~inner
+    background, inside = (~masks).to(pixels.dtype), inner.to(pixels.dtype)
+
+    def local_mean(weights):
+        count = torch.nn.functional.avg_pool2d(weights, BLEND_WINDOW, 1, BLEND_WINDOW // 2, count_include_pad=False)
+        total = torch.nn.functional.avg_pool2d(pixels * weights, BLEND_WINDOW, 1, BLEND_WINDOW // 2,
+                                               count_include_pad=False)
+        return total / count.clamp(min=1e-6), count > 0
+
+    around, has_background = local_mean(background)
+    within, has_inside = local_mean(inside)
+    contrast = within - around
+    distance = contrast.norm(dim=1, keepdim=True)
+    along = ((pixels - around) * contrast).sum(dim=1, keepdim=True) / distance.square().clamp(min=1e-12)
+    off_line = (pixels - (around + along.clamp(0, 1) * contrast)).norm(dim=1, keepdim=True)
+    return (edge & has_background & has_inside & (distance > BLEND_MIN_CONTRAST)
+            & (along < BLEND_MAX_OBJECT) & (off_line < BLEND_OFF_LINE * distance))
