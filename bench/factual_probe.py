@@ -11,7 +11,8 @@ that decides by the object scores alike on both. A model that has learned "a pas
 the other class's background" scores high on the first and low on the second: it fits the
 factual rows without the object. More rows help to read it: the images as they are; each image
 with its own box tile-filled and its object put back (the paste's seams on its own background);
-and the other-class paste with the mask shrunk by 1 and 2 pixels. A model that reads the thin rim
+and the other-class paste with the mask shrunk by 1 and 2 pixels, and with the mask's blended edge
+pixels dropped (`--f-erode blend`). A model that reads the thin rim
 of the image's own background that a mask's edge keeps (see `--f-erode`) loses most of its
 other-class accuracy there; one that reads the shape should lose little.
 """
@@ -27,11 +28,11 @@ import torch
 from cfrobust.shards.reader import collate, decode_sample, iter_raw_samples, shard_paths, split_info
 from cfrobust.trainer.checkpoint import load_classifier
 from cfrobust.trainer.factual import batch_partner
-from cfrobust.trainer.fills import online_tile
-from cfrobust.trainer.pixels import box_masks, erode, normalize, using_normalization
+from cfrobust.trainer.fills import online_tile, pixel_units
+from cfrobust.trainer.pixels import blended_edge, box_masks, erode, normalize, using_normalization
 
 PROBES = ("as they are", "own background, box tiled", "other-class background", "same-class background",
-          "other-class, mask eroded 1 px", "other-class, mask eroded 2 px")
+          "other-class, mask eroded 1 px", "other-class, mask eroded 2 px", "other-class, blended edge dropped")
 
 
 @torch.no_grad()
@@ -50,6 +51,7 @@ def probe_batch(model, batch, generator: torch.Generator) -> dict[str, torch.Ten
     other = tiled[batch_partner(batch.labels, generator, "other-class")]
     inputs[PROBES[4]] = torch.where(erode(region, 1), x, other)
     inputs[PROBES[5]] = torch.where(erode(region, 2), x, other)
+    inputs[PROBES[6]] = torch.where(region & ~blended_edge(pixel_units(x), region), x, other)
     return {name: model(images).argmax(dim=1) == batch.labels for name, images in inputs.items()}
 
 

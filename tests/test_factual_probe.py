@@ -48,4 +48,5 @@ def test_a_background_reader_is_right_on_its_own_and_same_class_backgrounds_and_
         "same-class background": 1.0,
         "other-class, mask eroded 1 px": 0.0,
         "other-class, mask eroded 2 px": 0.0,
+        "other-class, blended edge dropped": 0.0,
     }
