@@ -120,10 +120,17 @@ def test_f_erode_blend_drops_the_edge_pixels_that_mix_object_and_background_and_
     expected = masks.clone()
     expected[0, 0, 3, 3:9] = False
     assert torch.equal(blended_edge(pixels[None], masks), masks & ~expected)
-    # Through the factual: --f-erode blend keeps all but the blended row; a box is never shrunk.
+    # Through the factual: --f-erode blend keeps all but the blended row; rectangles stay whole,
+    # whether the batch has no masks or this sample has none in a batch that has.
     images = to_normalized(pixels[None])
-    assert torch.equal(pasted_region(masks, True, TrainConfig(f_erode="blend"), images), expected)
-    assert torch.equal(pasted_region(masks, False, TrainConfig(f_erode="blend"), images), masks)
+    rects = torch.zeros_like(masks)
+    rects[..., 2:10, 2:10] = True
+    assert torch.equal(pasted_region(masks, rects, images, TrainConfig(f_erode="blend")), expected)
+    assert torch.equal(pasted_region(masks, rects, images, TrainConfig(f_erode="1")), erode(masks, 1))
+    assert pasted_region(rects, rects, images, TrainConfig(f_erode="1")) is rects
+    pair = pasted_region(torch.cat([masks, rects]), torch.cat([rects, rects]), images.repeat(2, 1, 1, 1),
+                         TrainConfig(f_erode="blend"))
+    assert torch.equal(pair, torch.cat([expected, rects]))
     # Object and background too alike to tell a blend: nothing is dropped.
     flat = background.view(1, 3, 1, 1).repeat(1, 1, 12, 12)
     flat[:, :, 3:9, 3:9] += 0.05

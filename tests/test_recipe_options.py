@@ -170,7 +170,9 @@ def test_f_erode_auto_is_one_pixel_per_64_of_the_side_and_must_be_auto_blend_or_
     from cfrobust.trainer.train import check_config
 
     assert [TrainConfig(f_erode="auto").f_erode_pixels(side) for side in (16, 64, 96, 128, 224)] == [1, 1, 2, 2, 4]
-    assert TrainConfig().f_erode_pixels(224) == 0  # the default: the mask as it is
+    assert TrainConfig().f_erode == "blend"  # the default drops edge pixels by colour, not by a width
+    with pytest.raises(ValueError, match="blend drops pixels by colour"):
+        TrainConfig().f_erode_pixels(224)
     assert [TrainConfig(f_erode=n).f_erode_pixels(224) for n in ("0", "3")] == [0, 3]
     info = json.loads((tiny_shards / "train" / "_info.json").read_text())
     check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode="blend"), info)
@@ -201,7 +203,8 @@ def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained(
     assert (recorded.object_region, recorded.reg_measure, recorded.select_by) == ("box", "raw", "accuracy")
     assert (recorded.f_weight, recorded.f_partner, recorded.f_erode) == ("1", "other-class", "0")
     assert recorded.describe() == "Sal(bbox_o raw, grad_y, λ=0.1)"
-    assert changed_options(old, TrainConfig(reg="bbox_o")) == ["f_partner", "f_weight", "object_region", "reg_measure", "select_by"]
+    assert changed_options(old, TrainConfig(reg="bbox_o")) == ["f_erode", "f_partner", "f_weight", "object_region", "reg_measure",
+                                                               "select_by"]
     assert changed_options(old, recorded) == []
 
 

@@ -123,9 +123,9 @@ PRESET_NAMES = ("none",) + tuple(PRESETS)
 
 # Options whose default differs from what runs did before the option existed: a config that
 # lacks them was made with these values (rectangles, the raw bbox_o, best.pt by accuracy, factuals
-# weighing as much as originals).
+# weighing as much as originals, on other-class backgrounds, with the mask as it is).
 PREDATED = {"object_region": "box", "reg_measure": "raw", "select_by": "accuracy", "f_weight": "1",
-            "f_partner": "other-class"}
+            "f_partner": "other-class", "f_erode": "0"}
 
 # What `cfrobust train` writes in its --out folder (all that --overwrite may replace there).
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "eval.json", "eval.json.tmp", "checkpoints", "tensorboard"}
@@ -230,12 +230,12 @@ class TrainConfig:
         FACTUAL_PARTNERS,
     )
     f_erode: str = option(
-        "0",
-        "Pixels by which a factual shrinks the object's mask before it keeps the object: a whole number (0: the mask "
-        "as it is, as the official code), auto = 1 per 64 px of the training image's shorter side, or blend = only "
-        "the edge pixels whose colour mixes the object's and its background's (an outline that contrasts with both "
-        "stays). A mask's edge keeps a rim of the image's own background, which tells the place; boxes are never "
-        "shrunk.",
+        "blend",
+        "What a factual drops of the object's mask before it keeps the object: blend = the edge pixels whose colour "
+        "mixes the object's and its background's (an outline that contrasts with both stays; a sharp mask loses "
+        "nothing), a whole number = that many pixels all round (0: the mask as it is, as the official code and every "
+        "--preset), auto = 1 pixel per 64 of the training image's shorter side. A mask's edge keeps a rim of the "
+        "image's own background, which tells the place; boxes are never shrunk.",
     )
     f_eps: float = option(0.6, "fgsm/pgd: L-inf radius of the background perturbation, in normalised units.")
     f_alpha: float = option(0.0, "pgd: step size (0: eps / 4).")

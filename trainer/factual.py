@@ -29,17 +29,21 @@ def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None
     return (noise + 2 * preferred.float() - 4 * torch.eye(n, device=labels.device)).argmax(dim=1)
 
 
-def pasted_region(region: torch.Tensor, from_masks: bool, config, images: torch.Tensor) -> torch.Tensor:
-    """The part of the object region a factual keeps of `images` (normalised): a mask's edge
-    pixels carry some of the image's own background, from blur, JPEG or the threshold that made
-    the mask, and pasted as they are they tell the place, hence the label. --f-erode shrinks the
-    mask by whole pixels, or (blend) drops just the edge pixels whose colour mixes the object's
-    and the background's; boxes stay as they are."""
-    if not from_masks:
+def pasted_region(region: torch.Tensor, rects: torch.Tensor, images: torch.Tensor, config) -> torch.Tensor:
+    """The part of the object region (a mask, else the boxes' rectangles `rects`) that a factual
+    keeps of `images` (normalised). A mask's edge pixels carry some of the image's own background,
+    from blur, JPEG or the threshold that made the mask, and pasted as they are they tell the
+    place, hence the label: --f-erode drops just the edge pixels whose colour mixes the object's
+    and the background's (blend), or shrinks the mask by whole pixels. A sample whose region is
+    its rectangles (no mask) keeps them as they are."""
+    if region is rects:  # a batch without masks (comparing values would wait on the GPU every step)
         return region
     if config.f_erode == "blend":
-        return region & ~blended_edge(pixel_units(images.float()), region)
-    return erode(region, config.f_erode_pixels(min(region.shape[-2], region.shape[-1])))
+        kept = region & ~blended_edge(pixel_units(images.float()), region)
+    else:
+        kept = erode(region, config.f_erode_pixels(min(region.shape[-2], region.shape[-1])))
+    boxes_only = (region == rects).flatten(1).all(dim=1)[:, None, None, None]
+    return torch.where(boxes_only, region, kept)
 
 
 def mrand(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:

@@ -151,7 +151,7 @@ class Objective:
             rows["x_sal"] = x
         clean = x.detach()
         if self.factual is not None and bool(has_box.any()):
-            kept = pasted_region(region, batch.masks is not None, self.config, clean)
+            kept = pasted_region(region, holes, clean, self.config)
             rows["f"] = self.factual(
                 clean[has_box], kept[has_box], y[has_box], self.generator, model=model, config=self.config,
                 rects=holes[has_box],

@@ -227,7 +227,7 @@ def factual_images(batch: Batch, modes: list[str], seed: int, shown: ShownModel 
     holes = box_masks(batch.boxes, batch.box_valid, x.shape[2], x.shape[3])
     model, config = (shown.model, shown.config) if shown else (None, TrainConfig())
     config = config.with_factual_pairing(num_classes)
-    region = pasted_region(holes if batch.masks is None else batch.masks, batch.masks is not None, config, x)
+    region = pasted_region(holes if batch.masks is None else batch.masks, holes, x, config)
     boxed = batch.box_valid.any(dim=1)
     out = {}
     for index, mode in enumerate(modes):
