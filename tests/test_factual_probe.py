@@ -50,3 +50,16 @@ def test_a_background_reader_is_right_on_its_own_and_same_class_backgrounds_and_
         "other-class, mask eroded 2 px": 0.0,
         "other-class, blended edge dropped": 0.0,
     }
+
+
+def test_edge_blend_counts_the_edge_pixels_blend_drops():
+    spec = importlib.util.spec_from_file_location("edge_blend", SCRIPT.with_name("edge_blend.py"))
+    edge_blend = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(edge_blend)
+    background, fill = torch.tensor([0.2, 0.6, 0.2]), torch.tensor([0.9, 0.1, 0.1])
+    pixels = background.view(1, 3, 1, 1).repeat(2, 1, 12, 12)
+    pixels[:, :, 3:9, 3:9] = fill.view(3, 1, 1)
+    pixels[0, :, 3, 3:9] = (0.5 * fill + 0.5 * background).view(3, 1)  # image 0: its top edge a blend
+    masks = torch.zeros(2, 1, 12, 12, dtype=torch.bool)
+    masks[..., 3:9, 3:9] = True
+    assert edge_blend.edge_counts(pixels, masks) == (2 * 20, 6, 1)  # a 6x6 square's edge: 20 pixels
