@@ -233,7 +233,7 @@ class TrainConfig:
         "blend",
         "What a factual drops of the object's mask before it keeps the object: blend = the edge pixels whose colour "
         "mixes the object's and its background's (an outline that contrasts with both stays; a sharp mask loses "
-        "nothing), a whole number = that many pixels all round (0: the mask as it is, as the official code and every "
+        "little), a whole number = that many pixels all round (0: the mask as it is, as the official code and every "
         "--preset), auto = 1 pixel per 64 of the training image's shorter side. A mask's edge keeps a rim of the "
         "image's own background, which tells the place; boxes are never shrunk.",
     )
