@@ -96,7 +96,7 @@ def test_f_erode_pastes_the_shrunk_mask_and_leaves_its_rim_to_the_partner():
                   box_valid=torch.ones(n, 1, dtype=torch.bool), cf={}, masks=masks)
     seen = {}
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 144, 2))
-    objective = Objective(TrainConfig(f="mrand", f_erode="auto"), num_classes=2)  # 1 px at this side
+    objective = Objective(TrainConfig(f="mrand", f_erode="scaled"), num_classes=2)  # 1 px at this side
     objective._forward = lambda model, rows: seen.update(rows) or {name: model(r) for name, r in rows.items()}
     objective(model, batch)
     x = normalize(images)

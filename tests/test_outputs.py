@@ -132,7 +132,7 @@ def test_demo_passes_reg_impl_and_reg_every_to_the_method_only(tmp_path, monkeyp
     assert configs["erm"].reg == "none" and configs["erm"].reg_impl == "exact" and configs["erm"].reg_every == 1
 
 
-@pytest.mark.parametrize("args, factual", [([], "F(mrand, any, replace)"), (["--variant", "four-class"], "F(mrand, weight 3)")])
+@pytest.mark.parametrize("args, factual", [([], "F(mrand, any, replace, blend edge)"), (["--variant", "four-class"], "F(mrand, weight 3)")])
 def test_demo_names_the_factual_pairing_its_member_trains_with(tmp_path, monkeypatch, args, factual):
     import cfrobust.preprocess.pipeline as pipeline
     import cfrobust.trainer.train as trainer

@@ -91,7 +91,7 @@ def test_factual_pairing_auto_is_any_in_place_of_the_original_on_two_classes_els
     assert pairing(2, f_weight="2.5") == ("any", "2.5")
     assert pairing(2, f="random") == ("any", "1")  # replace only where mrand pastes on any image's background
     assert TrainConfig(f="mrand").with_factual_pairing(2).with_factual_pairing(4) == TrainConfig(
-        f="mrand", f_partner="any", f_weight="replace")  # resolved once, kept: a recorded run reads back as it trained
+        f="mrand", f_partner="any", f_weight="replace", f_erode="blend")  # resolved once, kept: a recorded run reads back as it trained
     assert Objective(TrainConfig(f="mrand"), num_classes=2).replaces_originals
     assert not Objective(TrainConfig(f="mrand"), num_classes=4).replaces_originals
     with pytest.raises(ValueError, match="num_classes"):  # mrand cannot pick a partner without knowing K
@@ -146,13 +146,14 @@ def test_train_records_the_pairing_auto_stood_for_and_resumes_by_it(tiny_shards,
 def test_a_run_that_recorded_f_weight_auto_resumes_with_the_pairing_it_trained():
     from cfrobust.trainer.train import changed_options, recorded_options
 
-    before = {**TrainConfig(f="mrand").to_dict(), "f_partner": "other-class", "f_weight": "auto"}  # as saved before eb8b046
+    before = {**TrainConfig(f="mrand").to_dict(), "f_partner": "other-class", "f_weight": "auto",
+              "f_erode": "0"}  # as saved before eb8b046
     checkpoint = {"config": before, "classes": ["a", "b"]}
     official = TrainConfig(f="mrand", f_partner="other-class").with_factual_pairing(2)
     assert (recorded_options(checkpoint)["f_partner"], recorded_options(checkpoint)["f_weight"]) == ("other-class", "1")
     assert changed_options(recorded_options(checkpoint), official) == []
     assert changed_options(recorded_options(checkpoint), TrainConfig(f="mrand").with_factual_pairing(2)) == [
-        "f_partner", "f_weight"]  # today's default pairing is another run: refused, and the refusal names it
+        "f_erode", "f_partner", "f_weight"]  # today's default pairing is another run: refused, and the refusal names it
 
 
 def test_f_weight_must_be_auto_or_positive(tiny_shards):
@@ -165,19 +166,29 @@ def test_f_weight_must_be_auto_or_positive(tiny_shards):
             check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_weight=bad), info)
 
 
-def test_f_erode_auto_is_one_pixel_per_64_of_the_side_and_must_be_auto_blend_or_whole(tiny_shards):
+def test_f_erode_scaled_is_one_pixel_per_64_of_the_side_and_auto_follows_the_pairing(tiny_shards):
     from cfrobust.errors import UserError
     from cfrobust.trainer.train import check_config
 
-    assert [TrainConfig(f_erode="auto").f_erode_pixels(side) for side in (16, 64, 96, 128, 224)] == [1, 1, 2, 2, 4]
-    assert TrainConfig().f_erode == "blend"  # the default drops edge pixels by colour, not by a width
-    with pytest.raises(ValueError, match="blend drops pixels by colour"):
-        TrainConfig().f_erode_pixels(224)
+    assert [TrainConfig(f_erode="scaled").f_erode_pixels(side) for side in (16, 64, 96, 128, 224)] == [1, 1, 2, 2, 4]
     assert [TrainConfig(f_erode=n).f_erode_pixels(224) for n in ("0", "3")] == [0, 3]
+    # auto: blend where mrand pastes on any image's background (two classes), the mask as it is
+    # under other-class partners (more classes, or named) and for the other factual modes.
+    assert TrainConfig().f_erode == "auto"
+    assert TrainConfig(f="mrand").with_factual_pairing(2).f_erode == "blend"
+    assert TrainConfig(f="mrand").with_factual_pairing(4).f_erode == "0"
+    assert TrainConfig(f="mrand", f_partner="other-class").with_factual_pairing(2).f_erode == "0"
+    assert TrainConfig(f="mrand", f_partner="any").with_factual_pairing(4).f_erode == "blend"
+    assert TrainConfig(f="random").with_factual_pairing(2).f_erode == "0"
+    assert TrainConfig(f="mrand", f_erode="3").with_factual_pairing(2).f_erode == "3"  # named: kept
+    for unresolved in ("auto", "blend"):
+        with pytest.raises(ValueError, match=f"--f-erode {unresolved} is no width"):
+            TrainConfig(f_erode=unresolved).f_erode_pixels(224)
     info = json.loads((tiny_shards / "train" / "_info.json").read_text())
-    check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode="blend"), info)
+    for good in ("auto", "blend", "scaled", "2"):
+        check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode=good), info)
     for bad in ("-1", "1.5", "some"):
-        with pytest.raises(UserError, match=f"--f-erode {bad}: must be auto, blend or a whole number of pixels"):
+        with pytest.raises(UserError, match=f"--f-erode {bad}: must be auto, blend, scaled or a whole number of pixels"):
             check_config(TrainConfig(shards=str(tiny_shards), f="mrand", f_erode=bad), info)
 
 
@@ -210,13 +221,15 @@ def test_a_config_recorded_before_an_option_existed_reads_as_those_runs_trained(
 
 def test_the_method_name_spells_out_a_factual_pairing_that_is_not_the_official_one():
     recipe = TrainConfig(cf="tile", f="mrand", reg="bbox_o")
-    assert recipe.describe() == "CF(tile, uni, 0.5) + F(mrand, partner auto, weight auto) + Sal(bbox_o, grad_y, λ=0.1)"
-    assert recipe.with_factual_pairing(2).describe() == "CF(tile, uni, 0.5) + F(mrand, any, replace) + Sal(bbox_o, grad_y, λ=0.1)"
+    assert recipe.describe() == "CF(tile, uni, 0.5) + F(mrand, partner auto, weight auto, erode auto) + Sal(bbox_o, grad_y, λ=0.1)"
+    assert recipe.with_factual_pairing(2).describe() == "CF(tile, uni, 0.5) + F(mrand, any, replace, blend edge) + Sal(bbox_o, grad_y, λ=0.1)"
     assert recipe.with_factual_pairing(4).describe() == "CF(tile, uni, 0.5) + F(mrand, weight 3) + Sal(bbox_o, grad_y, λ=0.1)"
-    official = TrainConfig(f="mrand", f_partner="other-class", f_weight="1")
+    official = TrainConfig(f="mrand", f_partner="other-class", f_weight="1").with_factual_pairing(2)
     assert official.describe() == "F(mrand)"
+    assert TrainConfig(f="mrand", f_partner="other-class", f_erode="scaled").with_factual_pairing(2).describe() == \
+        "F(mrand, erode scaled)"
     # The partner means nothing to other factual modes; their weight still does.
-    assert TrainConfig(f="random", f_partner="any", f_weight="2").describe() == "F(random, weight 2)"
+    assert TrainConfig(f="random", f_partner="any", f_weight="2").with_factual_pairing(2).describe() == "F(random, weight 2)"
 
 
 def test_online_mean_fills_the_imagenet_mean_colour_under_either_normalisation():

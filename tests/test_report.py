@@ -62,7 +62,7 @@ def test_markdown_averages_seeds_and_lists_unfinished_runs_apart(runs):
     # accuracy 0.80, 0.90, 0.85: mean 0.85, sample std sqrt((0.05² + 0.05² + 0) / 2) = 0.05;
     # worst 0.5, 0.6, 0.7: 0.6 ± 0.1; weighted 0.70, 0.75, 0.95: 0.8 ± sqrt(0.0175) = 0.1323.
     assert "| ERM | 3 | 0,1,2 | 0.850 ± 0.050 | 0.600 ± 0.100 | 0.800 ± 0.132 | - | - |" in lines
-    assert "| CF(tile, uni, 0.5) + F(mrand, any, replace) + Sal(bbox_o, grad_y, λ=10) | 1 | 0 | 0.900 | 0.800 | 0.880 | - | - |" in lines
+    assert "| CF(tile, uni, 0.5) + F(mrand, any, replace, blend edge) + Sal(bbox_o, grad_y, λ=10) | 1 | 0 | 0.900 | 0.800 | 0.880 | - | - |" in lines
     unfinished = lines[lines.index("## not finished") :]
     assert f"- {runs / 'method-s1'}: no eval.json (1/3 epochs)" in unfinished
     assert f"- {runs / 'method-s2'}: 2/3 epochs in metrics.jsonl" in unfinished
@@ -120,7 +120,7 @@ def test_the_default_rows_split_on_any_other_field_and_show_it(runs):
     (table,) = build_report([runs])["tables"]
     assert table["label_columns"] == ["method", "lr"]  # rows in the order of their first run's path
     assert [(r["label"]["method"], r["label"]["lr"], len(r["runs"])) for r in table["rows"]] == [
-        ("ERM", 0.5, 1), ("ERM", 0.02, 3), ("CF(tile, uni, 0.5) + F(mrand, any, replace) + Sal(bbox_o, grad_y, λ=10)", 0.02, 1)
+        ("ERM", 0.5, 1), ("ERM", 0.02, 3), ("CF(tile, uni, 0.5) + F(mrand, any, replace, blend edge) + Sal(bbox_o, grad_y, λ=10)", 0.02, 1)
     ]
 
 

@@ -60,10 +60,12 @@ def stored_samples(split_dir) -> dict[str, dict]:
 
 
 def kept_region(sample: dict) -> np.ndarray:
-    """What a factual keeps of a stored sample at the trainer's default --f-erode, as training does."""
+    """What a factual keeps of a stored sample at the trainer's defaults on two classes (--f-erode
+    auto: blend under the `any` partner), as training does."""
     images = torch.from_numpy(sample["image"]).permute(2, 0, 1)[None]
     rects = torch.from_numpy(boxes_to_mask(sample["boxes"], images.shape[3], images.shape[2]))[None, None]
-    return pasted_region(object_regions([sample]), rects, normalize(images), TrainConfig())[0, 0].numpy()
+    config = TrainConfig(f="mrand").with_factual_pairing(2)
+    return pasted_region(object_regions([sample]), rects, normalize(images), config)[0, 0].numpy()
 
 
 def enlarged(image: np.ndarray, factor: int) -> np.ndarray:

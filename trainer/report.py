@@ -30,7 +30,8 @@ EVAL_SCHEMA = "cfrobust.eval/1"
 NOT_GROUPED = ("seed", "out", "shards", "device", "workers", "resume", "overwrite", "save_every", "quiet", "tensorboard", "preset",
                "eval_batch")
 # Fields that TrainConfig.describe() already spells out in the `method` column.
-DESCRIBED = ("cf", "cf_loss", "cf_coeff", "f", "f_partner", "f_weight", "reg", "reg_measure", "reg_grad", "reg_coeff")
+DESCRIBED = ("cf", "cf_loss", "cf_coeff", "f", "f_partner", "f_weight", "f_erode", "reg", "reg_measure", "reg_grad",
+             "reg_coeff")
 
 # Per dataset: (column name, metric specs tried in order). The paper's headline figures.
 HEADLINE_COLUMNS = {

@@ -511,8 +511,8 @@ OPTION_RULES = [
     ("f_eps", lambda v: v >= 0, "an attack radius must be 0 or more"),
     ("f_alpha", lambda v: v >= 0, "must be 0 (eps / 4) or a positive step"),
     ("f_steps", lambda v: v >= 1, "an attack takes at least 1 step"),
-    ("f_erode", lambda v: v in ("auto", "blend") or v.isdigit(),
-     "must be auto, blend or a whole number of pixels (0: the mask as it is)"),
+    ("f_erode", lambda v: v in ("auto", "blend", "scaled") or v.isdigit(),
+     "must be auto, blend, scaled or a whole number of pixels (0: the mask as it is)"),
     ("f_weight", lambda v: v in ("auto", "replace") or positive_number(v), "must be auto, replace or a number above 0"),
     ("mixup", lambda v: v >= 0, "must be 0 (off) or a positive Beta alpha"),
     ("label_smoothing", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
@@ -623,7 +623,7 @@ def restore(path: Path, model, parts: TrainingParts) -> tuple[RunState, dict]:
 
 
 def recorded_options(checkpoint: dict) -> dict:
-    """A checkpoint's options with --f-partner and --f-weight auto as they resolve for its classes:
+    """A checkpoint's options with --f-partner, --f-weight and --f-erode auto as they resolve for its classes:
     runs made before the pairing was resolved at the start recorded "auto" (then K - 1 under
     other-class partners), which compares equal to what a resumption resolves it to."""
     recorded = TrainConfig.from_dict(checkpoint["config"])
