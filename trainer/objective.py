@@ -49,8 +49,8 @@ def regularizer(config: TrainConfig):
 class Objective:
     def __init__(self, config: TrainConfig, generator: torch.Generator | None = None,
                  group_weights: dict[str, float] | None = None, num_classes: int | None = None):
-        # --f-partner and --f-weight auto resolve by the number of classes; without it, --f-weight
-        # auto reads it from the logits' width, and mrand refuses --f-partner auto.
+        # --f-partner, --f-weight and --f-erode auto resolve by the number of classes; without it,
+        # --f-weight auto reads it from the logits' width, and mrand and the mask refuse auto.
         self.config = config.with_factual_pairing(num_classes) if num_classes else config
         self.generator = generator
         self.group_weights = group_weights  # --balance-groups: CE weight of an image by its group
