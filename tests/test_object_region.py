@@ -16,11 +16,11 @@ from cfrobust.shards.reader import TrainShards, decode_sample, iter_raw_samples,
 from cfrobust.shards.schema import boxes_to_mask
 from cfrobust.trainer.checkpoint import load_checkpoint
 from cfrobust.trainer.config import TrainConfig
-from cfrobust.trainer.factual import mrand, pasted_region, random_background, shuffled_background
+from cfrobust.trainer.factual import mrand, pasted_region
 from cfrobust.trainer.fills import online_tile, to_normalized
 from cfrobust.trainer.objective import Objective
 from cfrobust.shards.reader import Batch
-from cfrobust.trainer.pixels import blended_edge, erode, normalize, set_normalization, soft_edge
+from cfrobust.trainer.pixels import blended_edge, erode, normalize, set_normalization
 from cfrobust.trainer.saliency import outside_box_penalty
 from cfrobust.trainer.train import train
 
@@ -135,38 +135,6 @@ def test_f_erode_blend_drops_the_edge_pixels_that_mix_object_and_background_and_
     flat = background.view(1, 3, 1, 1).repeat(1, 1, 12, 12)
     flat[:, :, 3:9, 3:9] += 0.05
     assert not blended_edge(flat, masks).any()
-
-
-def test_soft_edge_is_each_mask_pixels_share_of_mask_among_its_neighbours_within_the_frame():
-    masks = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
-    masks[..., 0:2, 0:2] = True  # a 2 x 2 square in the frame's corner
-    masks[..., 3:6, 3:6] = True  # a 3 x 3 square
-    expected = torch.zeros(7, 7)
-    expected[0:2, 0:2] = torch.tensor([[4 / 4, 4 / 6], [4 / 6, 4 / 9]])  # the frame's pixels do not count
-    expected[3:6, 3:6] = torch.tensor([[4, 6, 4], [6, 9, 6], [4, 6, 4]]) / 9
-    torch.testing.assert_close(soft_edge(masks)[0, 0], expected)
-
-
-def test_f_edge_soft_mixes_the_kept_masks_edge_with_the_new_background_and_hard_cuts_it():
-    a, b = torch.tensor([1.0, -1.0, 0.5]), torch.tensor([-0.5, 0.25, 2.0])
-    x = torch.stack([a.view(3, 1, 1).expand(3, 7, 7), b.view(3, 1, 1).expand(3, 7, 7)]).contiguous()
-    masks = torch.zeros(2, 1, 7, 7, dtype=torch.bool)
-    masks[:, :, 2:5, 2:5] = True
-    labels = torch.tensor([0, 1])  # two images: each one's partner is the other, its background flat
-    hard = mrand(x, masks, labels, config=TrainConfig(f_partner="other-class"))
-    soft = mrand(x, masks, labels, config=TrainConfig(f_partner="other-class", f_edge="soft"))
-    assert torch.equal(hard[0], torch.where(masks[0], a.view(3, 1, 1), b.view(3, 1, 1)))
-    opacity = torch.zeros(7, 7)
-    opacity[2:5, 2:5] = torch.tensor([[4, 6, 4], [6, 9, 6], [4, 6, 4]]) / 9
-    torch.testing.assert_close(soft[0], b.view(3, 1, 1) + opacity * (a - b).view(3, 1, 1))
-    # random and shuffle: the same mix with the background they draw for the whole image.
-    for factual in (random_background, shuffled_background):
-        everywhere = factual(x, torch.zeros_like(masks), labels, torch.Generator().manual_seed(3))
-        mixed = factual(x, masks, labels, torch.Generator().manual_seed(3), config=TrainConfig(f_edge="soft"))
-        torch.testing.assert_close(mixed, everywhere + soft_edge(masks) * (x - everywhere))
-    assert TrainConfig(f="mrand", f_edge="soft").with_factual_pairing(2).describe() == \
-        "F(mrand, any, replace, blend edge, soft paste)"
-    assert TrainConfig(f="fgsm", f_edge="soft").with_factual_pairing(2).describe() == "F(fgsm)"  # nothing pasted
 
 
 def test_bbox_o_with_a_mask_penalises_exactly_the_pixels_outside_it():

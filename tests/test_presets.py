@@ -48,7 +48,6 @@ OFFICIAL_WATERBIRDS = {
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
     "f_partner": "other-class",  # inpainting/Baseline.py:170-171 indicators = (tmp != tmp.T): another class
     "f_erode": "0",  # inpainting/Baseline.py:184 X * mask + bg[swap] * (1 - mask): the mask unshrunk
-    "f_edge": "hard",  # the same line: a 0/1 mask, a sharp cut
     "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
     "reg_anneal": "0",  # lightning/waterbird.py:119 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
@@ -78,7 +77,6 @@ OFFICIAL_IN9 = {
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
     "f_partner": "other-class",  # inpainting/Baseline.py:170-171 indicators = (tmp != tmp.T): another class
     "f_erode": "0",  # inpainting/Baseline.py:184 X * mask + bg[swap] * (1 - mask): the mask unshrunk
-    "f_edge": "hard",  # the same line: a 0/1 mask, a sharp cut
     "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
     "reg_anneal": "0",  # lightning/in9.py:165 parser.add_argument("--reg_anneal", type=float, default=0.)
 }
@@ -113,7 +111,6 @@ OFFICIAL_CCT = {
     "f_weight": "1",  # lightning/base.py:401 F.cross_entropy(logit[y >= 0], y[y >= 0], reduction='sum')
     "f_partner": "other-class",  # inpainting/Baseline.py:170-171 indicators = (tmp != tmp.T): another class
     "f_erode": "0",  # inpainting/Baseline.py:184 X * mask + bg[swap] * (1 - mask): the mask unshrunk
-    "f_edge": "hard",  # the same line: a 0/1 mask, a sharp cut
     "cf_coeff": 1.0,  # train_pl.py:57 parser.add_argument("--cf_coeff", type=float, default=1.)
     "reg_anneal": "0",  # lightning/cct.py:109 parser.add_argument("--reg_anneal", type=float, default=0.)
 }

@@ -13,7 +13,6 @@ CF_FILLS = ("none", "mean", "random", "shuffle", "tile", "telea", "ns", "cagan")
 CF_LOSSES = ("logp", "uni", "uni_e", "channels")
 FACTUAL_MODES = ("none", "random", "shuffle", "mrand", "fgsm", "pgd")
 FACTUAL_PARTNERS = ("auto", "other-class", "any")  # auto, and the rules of trainer/factual.py batch_partner a user may pick
-FACTUAL_EDGES = ("hard", "soft")  # trainer/factual.py over_background
 REGULARIZERS = ("none", "bbox_o", "bbox_f1", "gs")
 NORMALIZATIONS = ("imagenet", "bit")
 OBJECT_REGIONS = ("mask", "box")
@@ -36,7 +35,6 @@ _OFFICIAL_TERMS = dict(
     f_weight="1",  # lightning/base.py:401 (one CE summed over x and its factuals alike)
     f_partner="other-class",  # inpainting/Baseline.py:170-184 (FactualMixedRandomTileInpainter: y != y')
     f_erode="0",  # inpainting/Baseline.py:184 (X * mask + bg[swap] * (1 - mask): the mask as it is)
-    f_edge="hard",  # inpainting/Baseline.py:184 (the same line: a 0/1 mask, a sharp cut)
     cf_coeff=1.0,  # train_pl.py:57 (--cf_coeff default 1)
 )
 _WATERBIRDS = dict(
@@ -240,14 +238,6 @@ class TrainConfig:
         "image's background (--f-partner), else 0. A mask's edge keeps a rim of the image's own background, which "
         "tells the place; boxes are never shrunk.",
     )
-    f_edge: str = option(
-        "hard",
-        "How a factual pastes the object on its new background (random, shuffle, mrand): hard = cut out sharp, as the "
-        "official code and every --preset; soft = each edge pixel of the kept mask mixed with the new background by "
-        "the mask's share of its 3 x 3 neighbourhood, as a real object's edge blends into its own background, so that "
-        "a sharp cut does not mark every pasted image.",
-        FACTUAL_EDGES,
-    )
     f_eps: float = option(0.6, "fgsm/pgd: L-inf radius of the background perturbation, in normalised units.")
     f_alpha: float = option(0.0, "pgd: step size (0: eps / 4).")
     f_steps: int = option(3, "pgd: attack steps.")
@@ -401,7 +391,7 @@ class TrainConfig:
         return " + ".join(parts) or "ERM"
 
     def _factual_departures(self) -> list[str]:
-        """--f-partner (mrand only), --f-weight, --f-erode and --f-edge where they differ from the official code's."""
+        """--f-partner (mrand only), --f-weight and --f-erode where they differ from the official code's."""
         departures = []
         if self.f == "mrand" and self.f_partner != "other-class":
             departures.append(self.f_partner if self.f_partner != "auto" else "partner auto")
@@ -409,6 +399,4 @@ class TrainConfig:
             departures.append(self.f_weight if self.f_weight == "replace" else f"weight {self.f_weight}")
         if self.f_erode != "0":
             departures.append("blend edge" if self.f_erode == "blend" else f"erode {self.f_erode}")
-        if self.f_edge != "hard" and self.f in ("random", "shuffle", "mrand"):
-            departures.append(f"{self.f_edge} paste")
         return departures

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cfrobust.trainer.fills import online_random, online_tile, pixel_units, to_normalized
 from cfrobust.trainer.module_modes import evaluation_mode, unwrap
-from cfrobust.trainer.pixels import blended_edge, erode, normalized_range, soft_edge
+from cfrobust.trainer.pixels import blended_edge, erode, normalized_range
 
 
 def batch_partner(labels: torch.Tensor, generator: torch.Generator | None = None, rule: str = "other-class") -> torch.Tensor:
@@ -46,18 +46,6 @@ def pasted_region(region: torch.Tensor, rects: torch.Tensor, images: torch.Tenso
     return torch.where(boxes_only, region, kept)
 
 
-def over_background(images: torch.Tensor, kept: torch.Tensor, backgrounds: torch.Tensor, config) -> torch.Tensor:
-    """The object (`kept`) of `images` over `backgrounds`. hard (--f-edge, the official paste) cuts it
-    out sharp; soft mixes each of its edge pixels with the new background as a real object's edge
-    mixes with its own (antialiasing, blur), so that a sharp cut-out does not mark every pasted
-    image, and the shapes learnt on pasted images are those of real ones (copy-paste detectors
-    learnt the cut's artefacts likewise, Dwibedi et al., ICCV 2017)."""
-    if config is None or config.f_edge == "hard":
-        return torch.where(kept, images, backgrounds)
-    opacity = soft_edge(kept).to(images.dtype)
-    return backgrounds + opacity * (images - backgrounds)
-
-
 def mrand(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """The object (by its region) on the real background of another image of the batch, whose own
     object is tile-filled (its boxes' rectangles as the hole) so that its shape does not come along.
@@ -74,13 +62,13 @@ def mrand(images, holes, labels, generator=None, model=None, config=None, rects=
     if len(labels) < 2 or (partner_rule == "other-class" and bool((labels == labels[0]).all())):
         return images.masked_fill(~holes, 0.0)
     partner = batch_partner(labels, generator, partner_rule)
-    return over_background(images, holes, online_tile(images, holes if rects is None else rects)[partner], config)
+    return torch.where(holes, images, online_tile(images, holes if rects is None else rects)[partner])
 
 
 def random_background(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
     """random: a per-image random colour plus noise everywhere but the object: the `random` fill
     applied to the complement of the hole (official RandomColorWithNoiseInpainter as f_inpaint)."""
-    return over_background(images, holes, online_random(images, torch.ones_like(holes), generator), config)
+    return online_random(images, ~holes, generator)
 
 
 def shuffled_background(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:
@@ -93,7 +81,7 @@ def shuffled_background(images, holes, labels, generator=None, model=None, confi
     """
     pixels = pixel_units(images).flatten()
     order = torch.randperm(pixels.numel(), generator=generator, device=images.device)
-    return over_background(images, holes, to_normalized(pixels[order].view_as(images)), config)
+    return torch.where(holes, images, to_normalized(pixels[order].view_as(images)))
 
 
 def fgsm(images, holes, labels, generator=None, model=None, config=None, rects=None) -> torch.Tensor:

@@ -173,11 +173,3 @@ def blended_edge(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     off_line = (pixels - (around + along.clamp(0, 1) * contrast)).norm(dim=1, keepdim=True)
     return (edge & has_background & has_inside & (distance > BLEND_MIN_CONTRAST)
             & (along < BLEND_MAX_OBJECT) & (off_line < BLEND_OFF_LINE * distance))
-
-
-def soft_edge(masks: torch.Tensor) -> torch.Tensor:
-    """Float [B, 1, H, W]: each mask pixel's share of mask pixels among its 3 x 3 neighbours and
-    itself (1 inside, below 1 on the edge), 0 outside. Pixels beyond the frame do not count, so an
-    object cut by the frame keeps its edge there whole."""
-    inside = masks.float()
-    return inside * torch.nn.functional.avg_pool2d(inside, 3, 1, 1, count_include_pad=False)
