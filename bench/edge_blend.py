@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cfrobust.trainer.pixels import blended_edge, erode
+from cfrobust.trainer.pixels import blended_edge, mask_edge
 
 
 def load_probe():
@@ -31,7 +31,7 @@ def load_probe():
 
 def edge_counts(pixels: torch.Tensor, masks: torch.Tensor) -> tuple[int, int, int]:
     """(edge pixels, of them dropped by blend, images that lose any) of one batch; pixels in [0, 1]."""
-    edge = masks & ~erode(masks, 1)
+    edge = mask_edge(masks)
     dropped = blended_edge(pixels, masks)
     return int(edge.sum()), int(dropped.sum()), int(dropped.flatten(1).any(dim=1).sum())
 

@@ -136,6 +136,12 @@ def erode(masks: torch.Tensor, pixels: int) -> torch.Tensor:
     return torch.where(kept, shrunk, masks)
 
 
+def mask_edge(masks: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, H, W]: the pixels of `masks` with a neighbour (of 8) outside them; the frame
+    counts as inside, and a mask too thin to shrink has no edge (see `erode`)."""
+    return masks & ~erode(masks, 1)
+
+
 # Edge pixels of a mask that read as a blend of the object and the image's own background. The
 # local colours are the means of the object's inner pixels and of the background's pixels in a
 # BLEND_WINDOW-square around each edge pixel; a blend lies near the straight line between the two
@@ -156,7 +162,7 @@ def blended_edge(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Bool [B, 1, H, W]: the edge pixels of `masks` whose colour in `pixels` ([B, 3, H, W], in
     [0, 1]) is a mix of the object's and the surrounding background's (see BLEND_* above)."""
     inner = erode(masks, 1)  # never outside the mask: the mask itself where shrinking would erase it
-    edge = masks & ~inner
+    edge = mask_edge(masks)
     background, inside = (~masks).to(pixels.dtype), inner.to(pixels.dtype)
 
     def local_mean(weights):
