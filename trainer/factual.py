@@ -41,7 +41,10 @@ def pasted_region(region: torch.Tensor, rects: torch.Tensor, images: torch.Tenso
     if config.f_erode == "blend":
         kept = region & ~blended_edge(pixel_units(images.float()), region)
     else:
-        kept = erode(region, config.f_erode_pixels(min(region.shape[-2], region.shape[-1])))
+        pixels = config.f_erode_pixels(min(region.shape[-2], region.shape[-1]))
+        if pixels == 0:  # the mask as it is (every preset, other-class partners): nothing to keep apart
+            return region
+        kept = erode(region, pixels)
     boxes_only = (region == rects).flatten(1).all(dim=1)[:, None, None, None]
     return torch.where(boxes_only, region, kept)
 
