@@ -143,3 +143,27 @@ def test_no_bar_off_a_terminal_with_quiet_or_off_rank_0(monkeypatch, capsys, ter
         assert printed == ""
     else:  # off a terminal the epoch lines still go to the log
         assert printed == "epoch 1: loss 1.000 (ce=0.75 cf=0.25) train acc 0.500 | lr 0.1 | 16 img/s, 1.0 s\n"
+
+
+def epochs_with_ce(*losses: float) -> list[dict]:
+    return [{"epoch": i + 1, "terms": {"ce": ce, "sal": 5.0}} for i, ce in enumerate(losses)]
+
+
+def test_chance_note_comes_at_the_first_thirds_end_only_while_every_epochs_ce_stayed_near_log_k():
+    at_chance = epochs_with_ce(0.70, 0.69, 0.6932, 0.6931, 0.695)  # each >= 0.97 x log 2 = 0.6724
+    note = train_log.chance_note(at_chance, num_classes=2, epochs=15)
+    assert note.startswith("note: after 5 of 15 epochs the classification loss is still at chance (ce 0.695; "
+                           "log 2 = 0.693): the net has not started to learn the labels.")
+    assert train_log.chance_note(at_chance[:4], 2, 15) is None  # before the due epoch
+    assert train_log.chance_note(at_chance + epochs_with_ce(0.7), 2, 15) is None  # after it
+    left_once = epochs_with_ce(0.70, 0.67, 0.6932, 0.6931, 0.695)  # 0.67 < 0.6724: it learnt something
+    assert train_log.chance_note(left_once, 2, 15) is None
+    assert train_log.chance_note(epochs_with_ce(1.36, 1.35), num_classes=4, epochs=6) is not None  # 0.97 x log 4 = 1.345
+    assert train_log.chance_note(epochs_with_ce(1.36, 1.34), num_classes=4, epochs=6) is None
+    assert train_log.chance_note(epochs_with_ce(0.7), num_classes=2, epochs=5) is None  # a third under 2 epochs: none
+
+
+def test_a_run_that_learns_nothing_says_so_once_even_when_quiet(tiny_shards, tmp_path, capsys):
+    train(tiny_config(tiny_shards, tmp_path / "run", epochs=6, lr=1e-9, cf="none", reg="none"))
+    printed = capsys.readouterr().err
+    assert printed.count("note: after 2 of 6 epochs the classification loss is still at chance") == 1

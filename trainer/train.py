@@ -43,7 +43,7 @@ from cfrobust.trainer.objective import Objective
 from cfrobust.trainer.optim import Schedule, make_optimizer
 from cfrobust.trainer.pixels import set_normalization, using_normalization
 from cfrobust.trainer.saliency import SALIENCY_SCORES
-from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, check_log_options
+from cfrobust.trainer.train_log import VAL_FIGURES, EpochMeter, TrainLog, chance_note, check_log_options
 
 
 AUTO_ARCH_NOTE = ("note: --arch auto without --pretrained trains simple-cnn from random weights (small images, minutes "
@@ -115,6 +115,9 @@ def train_in(env: DistEnv, config: TrainConfig):
             if env.is_main:
                 save_epoch(out, state, saved, is_best=improved)
             log.epoch_done(record)
+            note = chance_note(state.metrics, len(info["classes"]), config.epochs)
+            if note and env.is_main:
+                print(note, file=sys.stderr)  # also under --quiet: the run is likely to end at chance
     model.load_state_dict(best_weights)
     results = evaluate_splits(model, shard_root(config), [s for s in splits if s != "train"], env,
                               config.eval_batch or 2 * config.batch, num_classes=len(info["classes"]),
